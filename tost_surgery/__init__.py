@@ -1,0 +1,35 @@
+"""tost_surgery: train a sparse network better with any mask (the ToST recipe, ICML 2022).
+
+Example:
+    >>> import tost_surgery as tost
+    >>> mask = tost.masks.erk(model, sparsity=0.95, seed=0)
+    >>> model = tost.prepare(model, mask, tost.Recipe.tost(total_steps=10_000))
+    >>> tost.bind(model, optimizer)
+    >>> loss = F.cross_entropy(model(x), y, label_smoothing=tost.label_smoothing(model))
+    >>> clean = tost.finalize(model)
+"""
+
+from . import masks
+from ._errors import MaskError, RecipeError, StateError, TostSurgeryError, TraceError
+from ._recipe import Recipe
+from ._surgery import finalize, prepare
+from ._training import BindHandle, bind, graph, label_smoothing, step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BindHandle",
+    "MaskError",
+    "Recipe",
+    "RecipeError",
+    "StateError",
+    "TostSurgeryError",
+    "TraceError",
+    "bind",
+    "finalize",
+    "graph",
+    "label_smoothing",
+    "masks",
+    "prepare",
+    "step",
+]

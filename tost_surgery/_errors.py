@@ -1,0 +1,36 @@
+"""The one exception family of tost_surgery.
+
+Every error a user can cause is a :class:`TostSurgeryError` (a ``ValueError``), so
+``except ValueError`` keeps working in code that predates the library.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class TostSurgeryError(ValueError):
+    """Base class: something about the input or the call order was wrong."""
+
+
+class MaskError(TostSurgeryError):
+    """The mask names no parameter, has the wrong shape, is not binary, or empties a layer."""
+
+
+class RecipeError(TostSurgeryError):
+    """A recipe setting is out of range or unknown."""
+
+
+class TraceError(TostSurgeryError):
+    """torch.fx could not trace the model."""
+
+
+class StateError(TostSurgeryError):
+    """A call came at the wrong point of the lifecycle (prepared twice, finalized too early...)."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""

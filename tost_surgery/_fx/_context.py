@@ -1,0 +1,37 @@
+"""The state a graph pass reads and writes, kept in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from .._modules import Scaffold
+from .._recipe import Recipe
+
+SCHEDULE = "tost.schedule"
+TAG = "tost"
+"""``node.meta[TAG]`` names the technique that inserted the node."""
+
+
+@dataclass
+class PassContext:
+    """What passes share: the recipe, the model's modules, and where new modules go.
+
+    ``conv_to_skip`` remembers which ghost module serves which conv, so the train and eval
+    graphs (and every rebuild after a retirement) share the same modules.
+    """
+
+    recipe: Recipe
+    modules: dict[str, nn.Module]
+    scaffold: Scaffold
+    conv_to_skip: dict[str, str | None] = field(default_factory=dict)
+
+
+def schedule_coefficient(graph: fx.Graph, name: str, technique: str) -> fx.Node:
+    """A tagged ``get_attr`` of ``tost.schedule.<name>``, placed before every possible user."""
+    first = next(node for node in graph.nodes if node.op != "placeholder")
+    with graph.inserting_before(first):
+        node = graph.get_attr(f"{SCHEDULE}.{name}")
+    node.meta[TAG] = technique
+    return node

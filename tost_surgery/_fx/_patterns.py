@@ -1,0 +1,98 @@
+"""Recognizers over fx nodes that several passes share (passes never import each other)."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+Modules = Mapping[str, nn.Module]
+
+RELU_FUNCTIONS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_})
+RELU_METHODS = frozenset({"relu", "relu_"})
+BATCH_NORM_FUNCTIONS = frozenset({F.batch_norm, torch.batch_norm})
+NORM_FUNCTIONS = BATCH_NORM_FUNCTIONS | {F.layer_norm, F.group_norm, F.instance_norm}
+NORM_MODULES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+# Ops through which "this layer's output is normalized" still holds: they commute with a
+# positive rescaling of their input.
+_SCALE_EQUIVARIANT_MODULES = (nn.ReLU, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d)
+_INPLACE_OPERATORS = frozenset(
+    {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
+)
+
+
+def module_of(node: fx.Node, modules: Modules) -> nn.Module | None:
+    """The module a ``call_module`` node calls, else None."""
+    return modules.get(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
+
+
+def is_relu_site(node: fx.Node, modules: Modules) -> bool:
+    """Whether ``node`` applies ReLU: an ``nn.ReLU`` module, ``F.relu``, ``torch.relu``, ``x.relu()``,
+    or an in-place form of any of them."""
+    if node.op == "call_module":
+        return type(module_of(node, modules)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in RELU_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in RELU_METHODS
+    return False
+
+
+def is_inplace(node: fx.Node, modules: Modules) -> bool:
+    """Whether ``node`` writes into its first argument."""
+    if node.op == "call_module":
+        return bool(getattr(module_of(node, modules), "inplace", False))
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            return True
+        if node.kwargs.get("inplace") is True:
+            return True
+        return node.target in (F.relu, F.relu6, F.hardtanh) and len(node.args) > 1 and node.args[-1] is True
+    return False
+
+
+def aliases(node: fx.Node, modules: Modules) -> list[fx.Node]:
+    """``node`` and the nodes it is the same tensor as, through chains of in-place ops."""
+    chain = [node]
+    while is_inplace(chain[-1], modules) and chain[-1].args and isinstance(chain[-1].args[0], fx.Node):
+        chain.append(chain[-1].args[0])
+    return chain
+
+
+def norm_after(node: fx.Node, modules: Modules) -> fx.Node | None:
+    """The BatchNorm node that is the sole user of ``node``, if there is one."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if not user.args or user.args[0] is not node:
+        return None
+    if isinstance(module_of(user, modules), _BatchNorm):
+        return user
+    if user.op == "call_function" and user.target in BATCH_NORM_FUNCTIONS:
+        return user
+    return None
+
+
+def feeds_normalization(node: fx.Node, modules: Modules) -> bool:
+    """Whether ``node``'s output reaches a normalization layer, through scale-equivariant ops only."""
+    current = node
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        module = module_of(user, modules)
+        if isinstance(module, NORM_MODULES) or (user.op == "call_function" and user.target in NORM_FUNCTIONS):
+            return True
+        if not (isinstance(module, _SCALE_EQUIVARIANT_MODULES) or is_relu_site(user, modules)):
+            return False
+        current = user
+    return False

@@ -1,0 +1,160 @@
+"""Trace a model with torch.fx over its own modules, once per train/eval mode.
+
+torch.fx bakes ``self.training`` into the graph (timm's ``F.dropout(x, p,
+training=self.training)`` traced in train mode keeps dropout on in eval), so the model is
+traced in both modes, as torchvision's feature extraction does.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import fx, nn
+
+from .._errors import TraceError
+
+LeafSpec = Iterable["type[nn.Module] | str"]
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that treats the given module types and qualified names as leaves."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str], autowrap: tuple) -> None:
+        super().__init__(autowrap_functions=autowrap)
+        self.leaf_types = leaf_types
+        self.leaf_names = leaf_names
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def ecosystem_leaves() -> tuple[tuple[type, ...], tuple]:
+    """Module types and functions that timm registers as not traceable (empty without timm)."""
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        return (), ()
+    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+
+
+def _split_leaves(model: nn.Module, leaf_modules: LeafSpec) -> tuple[tuple[type, ...], frozenset[str]]:
+    types, names = [], set()
+    module_names = dict(model.named_modules())
+    for leaf in leaf_modules:
+        if isinstance(leaf, str):
+            if leaf not in module_names:
+                from .._errors import did_you_mean
+
+                raise TraceError(
+                    f"leaf_modules names {leaf!r}, which is no submodule of {type(model).__name__}."
+                    + did_you_mean(leaf, [n for n in module_names if n])
+                )
+            names.add(leaf)
+        elif isinstance(leaf, type) and issubclass(leaf, nn.Module):
+            types.append(leaf)
+        else:
+            raise TraceError(
+                f"leaf_modules takes nn.Module subclasses or qualified names, found {leaf!r}."
+            )
+    return tuple(types), frozenset(names)
+
+
+def _concrete_args(model: nn.Module) -> dict[str, object]:
+    """Optional arguments that default to None or a bool are traced as constants.
+
+    Traced as proxies they would make the graph fail when called without them (hiera's
+    ``forward(x, mask=None)``).
+    """
+    concrete = {}
+    for p in inspect.signature(model.forward).parameters.values():
+        if p.default is None or isinstance(p.default, bool):
+            concrete[p.name] = p.default
+    return concrete
+
+
+def trace_per_mode(model: nn.Module, leaf_modules: LeafSpec = ()) -> dict[bool, fx.Graph]:
+    """Return ``{True: train_graph, False: eval_graph}`` (the same graph when they agree).
+
+    The model's training flags and the Python state of its modules are as before afterwards.
+    """
+    leaf_types, leaf_names = _split_leaves(model, leaf_modules)
+    timm_types, timm_functions = ecosystem_leaves()
+    concrete = _concrete_args(model)
+    flags = [(m, m.training) for m in model.modules()]
+    snapshot = _snapshot_python_state(model)
+    graphs: dict[bool, fx.Graph] = {}
+    try:
+        for mode in (True, False):
+            model.train(mode)
+            tracer = _Tracer(leaf_types + timm_types, leaf_names, timm_functions)
+            try:
+                graphs[mode] = tracer.trace(model, concrete_args=concrete or None)
+            except TraceError:
+                raise
+            except Exception as error:
+                raise _trace_error(model, tracer, error) from error
+            finally:
+                _restore_python_state(snapshot)
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
+        graphs[False] = graphs[True]
+    return graphs
+
+
+def _trace_error(model: nn.Module, tracer: _Tracer, error: Exception) -> TraceError:
+    stack = list(getattr(tracer, "module_stack", {}).items())
+    where = next((name for name, _ in reversed(stack) if name), "")
+    module_type = ""
+    if where:
+        module_type = type(model.get_submodule(where)).__name__
+    place = f"in submodule {where!r} ({module_type})" if where else f"in {type(model).__name__}.forward"
+    hint = (
+        f"Hint: pass leaf_modules=[{where!r}] (or its class {module_type}) to keep it whole"
+        if where
+        else "Hint: pass leaf_modules=[...] naming the submodule with data-dependent code"
+    )
+    return TraceError(
+        f"torch.fx could not trace {type(model).__name__} {place}: "
+        f"{type(error).__name__}: {error}\n{hint}; "
+        "the rewritten graph then calls it as one opaque module."
+    )
+
+
+def _snapshot_python_state(model: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
+    """Module ``__dict__`` entries, and copies of plain dict caches, before tracing.
+
+    Tracing can leave proxies in a model's own caches (levit caches attention biases in a
+    dict when not training); they are put back as they were.
+    """
+    snapshot = []
+    for module in model.modules():
+        state = {k: v for k, v in module.__dict__.items() if k not in _MODULE_INTERNALS}
+        dict_contents = {k: copy.copy(v) for k, v in state.items() if type(v) is dict}
+        snapshot.append((module, state, dict_contents))
+    return snapshot
+
+
+def _restore_python_state(snapshot: Sequence[tuple[nn.Module, dict, dict]]) -> None:
+    for module, state, dict_contents in snapshot:
+        for key in [k for k in module.__dict__ if k not in _MODULE_INTERNALS and k not in state]:
+            del module.__dict__[key]
+        for key, value in state.items():
+            if module.__dict__.get(key, _MISSING) is not value:
+                module.__dict__[key] = value
+        for key, contents in dict_contents.items():
+            live = module.__dict__[key]
+            if live.keys() != contents.keys() or any(live[k] is not contents[k] for k in contents):
+                live.clear()
+                live.update(contents)
+
+
+_MISSING = object()

@@ -1,0 +1,73 @@
+"""Pass: a temporary skip branch beside every Conv2d (and, by setting, square Linear)."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from ..._modules import GhostSkip
+
+from .._context import TAG, PassContext, schedule_coefficient
+from .._patterns import module_of, norm_after
+
+
+def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
+    """Add ``a * branch(x)`` from each Conv2d's input to its BatchNorm's output.
+
+    Before::
+
+        c = conv(x)
+        n = bn(c)              # when a BatchNorm follows; else the skip lands on c
+
+    After (``a`` is ``tost.schedule.skip_scale``, annealed 1 -> 0)::
+
+        c = conv(x)
+        n = bn(c)
+        g = tost.skips.tost_skip_0(x)     # 1x1 conv + BN, or the (strided) input
+        y = torch.addcmul(n, a, g)        # n + a * g
+
+    With ``recipe.skip_linear``, ``nn.Linear`` layers with ``in == out`` get ``y = l + a * x``.
+    ``a``, ``g`` and ``y`` are tagged ``skips``.
+    """
+    scale: fx.Node | None = None
+    for node in list(graph.nodes):
+        branch = _branch_target(node, context)
+        if branch is _NO_SITE:
+            continue
+        target = norm_after(node, context.modules) or node
+        x = node.args[0]
+        users = list(target.users)
+        if scale is None:
+            scale = schedule_coefficient(graph, "skip_scale", "skips")
+        with graph.inserting_before(target.next):
+            ghost = x if branch is None else _tagged(graph.call_module(branch, (x,)))
+            out = _tagged(graph.call_function(torch.addcmul, (target, scale, ghost)))
+        for user in users:
+            user.replace_input_with(target, out)
+
+
+_NO_SITE = object()
+
+
+def _branch_target(node: fx.Node, context: PassContext) -> object:
+    """The branch module's target for a site, None for an identity branch, else _NO_SITE."""
+    module = module_of(node, context.modules)
+    recipe = context.recipe
+    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:
+        key = str(node.target)
+        if key not in context.conv_to_skip:
+            identity = recipe.skip_branch == "auto" and module.in_channels == module.out_channels
+            skip = GhostSkip(module, identity=identity, init=recipe.skip_init)
+            if identity and skip.is_aligned and skip.stride == (1, 1):
+                context.conv_to_skip[key] = None  # the branch is x itself: no module needed
+            else:
+                context.conv_to_skip[key] = context.scaffold.add_skip(skip)
+        return context.conv_to_skip[key]
+    if recipe.skip_linear and isinstance(module, nn.Linear) and module.in_features == module.out_features:
+        return None
+    return _NO_SITE
+
+
+def _tagged(node: fx.Node) -> fx.Node:
+    node.meta[TAG] = "skips"
+    return node

@@ -1,0 +1,91 @@
+"""Modules tost_surgery adds to a model; all of them live under ``model.tost``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._recipe import Recipe
+from ._schedule import Schedule
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class GhostSkip(nn.Module):
+    """Temporary branch beside a Conv2d, from the conv's input to its (norm's) output.
+
+    The input is sampled at the centre of each output pixel's receptive field, so the
+    branch's output has the conv's spatial size for every kernel, stride, padding and
+    dilation; then a 1x1 conv with the conv's groups and output channels, filled with
+    ``init``, and its own BatchNorm (the paper's code), or nothing (``identity``).
+    """
+
+    def __init__(self, conv: nn.Conv2d, *, identity: bool, init: float) -> None:
+        super().__init__()
+        self.stride = _pair(conv.stride)
+        dilation, kernel = _pair(conv.dilation), _pair(conv.kernel_size)
+        reach = tuple(d * (k - 1) for d, k in zip(dilation, kernel))
+        if conv.padding == "same":
+            padding = tuple(r // 2 for r in reach)
+        elif conv.padding == "valid":
+            padding = (0, 0)
+        else:
+            padding = _pair(conv.padding)  # type: ignore[arg-type]
+        self.padding, self.reach = padding, reach
+        # Receptive-field centre of output pixel i in input coordinates: i * stride + offset.
+        self.offset = tuple(r // 2 - p for r, p in zip(reach, padding))
+        self.is_aligned = all(2 * p == r for p, r in zip(padding, reach))
+        self.conv: nn.Conv2d | None = None
+        self.bn: nn.BatchNorm2d | None = None
+        factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        if not identity:
+            stride = self.stride if self.is_aligned else 1
+            self.conv = nn.Conv2d(
+                conv.in_channels, conv.out_channels, 1, stride=stride, groups=conv.groups, bias=False, **factory
+            )
+            nn.init.constant_(self.conv.weight, init)
+            self.bn = nn.BatchNorm2d(conv.out_channels, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_aligned:
+            x = self._sample(x)
+        elif self.conv is None and self.stride != (1, 1):
+            x = x[..., :: self.stride[0], :: self.stride[1]]
+        if self.conv is not None:
+            x = self.bn(self.conv(x))
+        return x
+
+    def _sample(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = x.shape[-2:]
+        lengths = [(n + 2 * p - r - 1) // s + 1 for n, p, r, s in zip(sizes, self.padding, self.reach, self.stride)]
+        before = [max(0, -o) for o in self.offset]
+        after = [max(0, o + (m - 1) * s + 1 - n) for o, m, s, n in zip(self.offset, lengths, self.stride, sizes)]
+        if any(before) or any(after):
+            x = F.pad(x, (before[1], after[1], before[0], after[0]))
+        (oh, ow), (sh, sw) = [o + b for o, b in zip(self.offset, before)], self.stride
+        return x[..., oh : oh + (lengths[0] - 1) * sh + 1 : sh, ow : ow + (lengths[1] - 1) * sw + 1 : sw]
+
+    def extra_repr(self) -> str:
+        kind = "identity" if self.conv is None else "conv1x1+bn"
+        return f"{kind}, stride={self.stride}, aligned={self.is_aligned}"
+
+
+class Scaffold(nn.Module):
+    """The one attribute (``model.tost``) holding the schedule and every ghost module.
+
+    Its parameters are the scaffolding's; ``tost_surgery.finalize`` removes it whole.
+    """
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__()
+        self.schedule = Schedule(recipe)
+        self.skips = nn.ModuleDict()
+
+    def add_skip(self, skip: GhostSkip) -> str:
+        """Register ``skip`` under the next free name; return its graph target."""
+        name = f"tost_skip_{len(self.skips)}"
+        self.skips[name] = skip
+        return f"tost.skips.{name}"

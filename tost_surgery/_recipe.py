@@ -1,0 +1,183 @@
+"""`Recipe`: which ToST techniques run, with which settings, over how many steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from ._errors import RecipeError, did_you_mean
+
+SoftActivation = Literal["silu", "mish", "softplus", "gelu"]
+AnnealShape = Literal["linear", "cosine"]
+SkipBranch = Literal["conv_bn", "auto"]
+RescaleRule = Literal["fan_in", "layer"]
+RescaleScope = Literal["all", "unnormalized"]
+LabelSchedule = Literal["constant", "anneal"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "soft_activation": ("silu", "mish", "softplus", "gelu"),
+    "anneal": ("linear", "cosine"),
+    "skip_branch": ("conv_bn", "auto"),
+    "rescale_rule": ("fan_in", "layer"),
+    "rescale_scope": ("all", "unnormalized"),
+    "label_schedule": ("constant", "anneal"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """How to train a masked model: each ToST technique is a switch with its settings.
+
+    Annealed techniques (ghost neurons, ghost skips, an annealed label smoothing) move from
+    their start to their end state over the first ``warmup * total_steps`` optimizer steps,
+    then retire: they leave the graph and cost nothing.
+
+    Example:
+        >>> recipe = Recipe.tost(total_steps=10_000, warmup=0.5, soft_activation="mish")
+        >>> recipe.ghost_neurons, recipe.warmup
+        (True, 0.5)
+    """
+
+    total_steps: int | None = None
+    """Optimizer steps of the whole run; required when anything is annealed."""
+    warmup: float = 0.3
+    """Fraction of ``total_steps`` over which the scaffolding anneals away (0, 1]."""
+    anneal: AnnealShape = "linear"
+    """Shape of the annealing: ``linear`` or ``cosine`` (slow at both ends)."""
+
+    ghost_neurons: bool = False
+    """Blend every ReLU call site from a smooth activation to ReLU: ``(1-b)*soft(x) + b*relu(x)``."""
+    soft_activation: SoftActivation = "silu"
+    neuron_warmup: float | None = None
+    """Warm-up of the ghost neurons alone; ``None`` uses ``warmup``."""
+
+    ghost_skips: bool = False
+    """Add ``a * branch(x)`` from each Conv2d's input to its (norm's) output, ``a`` 1 -> 0."""
+    skip_branch: SkipBranch = "conv_bn"
+    """``conv_bn``: the paper's 1x1 conv + BatchNorm; ``auto``: identity where channels match."""
+    skip_init: float = 1e-4
+    """Constant the branch's 1x1 conv weights are filled with (the paper's code: 1e-4)."""
+    skip_linear: bool = False
+    """Also an identity skip around each ``nn.Linear`` with ``in_features == out_features``."""
+    skip_warmup: float | None = None
+    """Warm-up of the ghost skips alone; ``None`` uses ``warmup``."""
+
+    rescale_init: bool = False
+    """Rescale the surviving weights so each layer's output variance matches its dense init."""
+    rescale_rule: RescaleRule = "fan_in"
+    """``fan_in``: per output unit, ``sqrt(fan_in / kept)``; ``layer``: ``sqrt(1 / density)``."""
+    rescale_scope: RescaleScope = "unnormalized"
+    """``all`` masked conv/linear layers, or only those whose output feeds no normalization."""
+
+    label_smoothing: float = 0.0
+    """Label smoothing for the loss, read through ``tost_surgery.label_smoothing(model)``."""
+    label_schedule: LabelSchedule = "constant"
+    """``constant``, or ``anneal`` to 0 with the rest of the scaffolding."""
+
+    def __post_init__(self) -> None:
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise RecipeError(
+                    f"Recipe.{name} must be one of {list(choices)}, found {value!r}."
+                    + did_you_mean(str(value), choices)
+                )
+        for name in ("ghost_neurons", "ghost_skips", "skip_linear", "rescale_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"Recipe.{name} must be a bool, found {getattr(self, name)!r}.")
+        for name in ("warmup", "neuron_warmup", "skip_warmup"):
+            value = getattr(self, name)
+            if value is None and name != "warmup":
+                continue
+            if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise RecipeError(
+                    f"Recipe.{name} is a fraction of total_steps in (0, 1], found {value!r}.\n"
+                    "Hint: warmup=0.3 anneals the scaffolding over the first 30% of steps."
+                )
+        if not isinstance(self.label_smoothing, (int, float)) or not 0.0 <= self.label_smoothing < 1.0:
+            raise RecipeError(f"Recipe.label_smoothing must be in [0, 1), found {self.label_smoothing!r}.")
+        if not isinstance(self.skip_init, (int, float)) or not math.isfinite(self.skip_init):
+            raise RecipeError(f"Recipe.skip_init must be a finite number, found {self.skip_init!r}.")
+        if self.total_steps is not None and (
+            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
+        ):
+            raise RecipeError(f"Recipe.total_steps must be a positive int, found {self.total_steps!r}.")
+        if self.is_annealed and self.total_steps is None:
+            raise RecipeError(
+                "Recipe anneals scaffolding but total_steps is None.\n"
+                "Hint: pass total_steps=<optimizer steps of the whole run>, "
+                "e.g. Recipe.tost(total_steps=epochs * len(loader))."
+            )
+
+    @property
+    def is_annealed(self) -> bool:
+        """Whether anything moves with the step count (and so needs ``total_steps``)."""
+        return (
+            self.ghost_neurons
+            or self.ghost_skips
+            or (self.label_schedule == "anneal" and self.label_smoothing > 0)
+        )
+
+    def warmup_steps(self, technique: Literal["neurons", "skips", "labels"]) -> int:
+        """Optimizer steps over which ``technique`` anneals (at least 1)."""
+        fraction = {"neurons": self.neuron_warmup, "skips": self.skip_warmup}.get(technique)
+        fraction = self.warmup if fraction is None else fraction
+        return max(1, round(fraction * (self.total_steps or 0)))
+
+    @classmethod
+    def tost(cls, total_steps: int, **overrides: Any) -> Recipe:
+        """The ToST recipe with every technique on; override any field by keyword.
+
+        Provisional defaults: the layer-wise rescaling applies only to layers that feed no
+        normalization (``rescale_scope="unnormalized"``), because the fan-in rule applied to
+        every layer of a BatchNorm ResNet cost 7 points at 98% sparsity in our prototype.
+
+        Example:
+            >>> Recipe.tost(total_steps=1000, ghost_skips=False).ghost_neurons
+            True
+        """
+        settings: dict[str, Any] = dict(
+            total_steps=total_steps,
+            ghost_neurons=True,
+            ghost_skips=True,
+            rescale_init=True,
+            label_smoothing=0.1,
+            label_schedule="anneal",
+        )
+        settings.update(overrides)
+        return cls._checked(settings)
+
+    @classmethod
+    def baseline(cls, **overrides: Any) -> Recipe:
+        """Masks only: the default dense protocol applied to the sparse network.
+
+        Example:
+            >>> Recipe.baseline().is_annealed
+            False
+        """
+        return cls._checked(overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, for checkpoints and logs."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Inverse of :meth:`to_dict`; unknown keys are an error.
+
+        Example:
+            >>> r = Recipe.tost(total_steps=10)
+            >>> Recipe.from_dict(r.to_dict()) == r
+            True
+        """
+        return cls._checked(dict(data))
+
+    @classmethod
+    def _checked(cls, settings: dict[str, Any]) -> Recipe:
+        known = {f.name for f in fields(cls)}
+        for key in settings:
+            if key not in known:
+                raise RecipeError(f"Recipe has no setting {key!r}." + did_you_mean(key, known))
+        return cls(**settings)

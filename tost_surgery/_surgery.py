@@ -1,0 +1,259 @@
+"""prepare / finalize: the lifecycle of a model under the ToST recipe."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from ._errors import RecipeError, StateError, TostSurgeryError
+from ._fx._codegen import compile_forward
+from ._fx._context import PassContext
+from ._fx._patterns import feeds_normalization
+from ._fx._tracing import trace_per_mode
+from ._fx.passes import insert_ghost_neurons, insert_ghost_skips
+from ._init import rescale_factors
+from ._masking import MaskEntry, attach_masks, detach_masks, normalize_mask, original_parameter
+from ._modules import Scaffold
+from ._recipe import Recipe
+from ._schedule import Technique
+
+# The order in which graph passes run; each inserts one technique's scaffolding.
+PASSES: tuple[tuple[Technique, Callable[[fx.Graph, PassContext], None]], ...] = (
+    ("neurons", insert_ghost_neurons),
+    ("skips", insert_ghost_skips),
+)
+
+
+@dataclass
+class Surgery:
+    """Everything prepare decided about one model, kept on ``model.tost.surgery``."""
+
+    context: PassContext
+    entries: list[MaskEntry]
+    pristine: dict[bool, fx.Graph]
+    signature: inspect.Signature
+    enabled: frozenset[Technique]
+    model_name: str
+    rescaled: dict[str, float] = field(default_factory=dict)
+    active: frozenset[Technique] = frozenset()
+    graphs: dict[bool, fx.Graph] = field(default_factory=dict)
+    forwards: dict[bool, Callable] = field(default_factory=dict)
+    bindings: dict[int, object] = field(default_factory=dict)
+
+    @property
+    def schedule(self):
+        return self.context.scaffold.schedule
+
+    def pending(self) -> frozenset[Technique]:
+        """Enabled techniques that have not reached their end state yet."""
+        return frozenset(t for t in self.enabled if not self.schedule.is_finished(t))
+
+    def sync(self, *, force: bool = False) -> None:
+        """Rebuild the graphs when the set of unfinished techniques changed.
+
+        Finished techniques retire: they are left out of the graph, not multiplied by zero.
+        """
+        active = self.pending()
+        if active == self.active and self.forwards and not force:
+            return
+        graphs: dict[bool, fx.Graph] = {}
+        for mode, pristine in self.pristine.items():
+            if mode is False and pristine is self.pristine[True]:
+                graphs[False] = graphs[True]
+                continue
+            graph = copy.deepcopy(pristine)
+            for technique, insert in PASSES:
+                if technique in active:
+                    insert(graph, self.context)
+            graph.lint()
+            graphs[mode] = graph
+        self.graphs = graphs
+        self.forwards = {
+            mode: compile_forward(graph, f"{self.model_name} {'train' if mode else 'eval'}") for mode, graph in graphs.items()
+        }
+        if graphs[False] is graphs[True]:
+            self.forwards[False] = self.forwards[True]
+        self.active = active
+
+    def positional(self, args: tuple, kwargs: Mapping) -> tuple:
+        """The call's arguments in positional order (fx may rename its placeholders)."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if bound.kwargs:
+            raise TostSurgeryError(
+                f"The prepared forward cannot pass extra keyword arguments {sorted(bound.kwargs)}.\n"
+                "Hint: pass them positionally or as named parameters of forward."
+            )
+        return bound.args
+
+
+def _prepared_forward(self: nn.Module, *args, **kwargs):
+    """The forward of a prepared model: the rewritten graph of the current mode."""
+    surgery: Surgery = self.tost.surgery
+    if kwargs:
+        args = surgery.positional(args, kwargs)
+    return surgery.forwards[self.training](self, *args)
+
+
+def _sync_after_load(scaffold: Scaffold, incompatible_keys: object) -> None:
+    scaffold.surgery.sync()
+
+
+def prepare(
+    model: nn.Module,
+    mask: Mapping[str, torch.Tensor],
+    recipe: Recipe | None = None,
+    *,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+) -> nn.Module:
+    """Attach ``mask`` and the ToST scaffolding to ``model``, in place.
+
+    Returns the same object, still of its own class, whose forward now runs the rewritten
+    fx graph over its own modules. The scaffolding lives under ``model.tost``. If anything
+    is wrong, nothing is changed and a :class:`TostSurgeryError` says what.
+
+    Args:
+        model: any torch.fx-traceable module (timm's untraceable blocks are kept whole).
+        mask: ``{parameter name: 0/1 or bool tensor shaped like it}``.
+        recipe: which techniques run; ``None`` means :meth:`Recipe.baseline` (masks only).
+            Use ``Recipe.tost(total_steps=...)`` for the full recipe.
+        leaf_modules: module classes or qualified names to call whole, not trace through.
+
+    Example:
+        >>> model = prepare(model, masks.erk(model, 0.95), Recipe.tost(total_steps=10_000))
+    """
+    _check_preparable(model)
+    recipe = Recipe.baseline() if recipe is None else recipe
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(
+            f"recipe must be a tost_surgery.Recipe, found {type(recipe).__name__}.\n"
+            "Hint: Recipe.tost(total_steps=N) or Recipe.baseline()."
+        )
+    entries = normalize_mask(model, mask)
+    pristine = trace_per_mode(model, leaf_modules)
+    modules = dict(model.named_modules())
+    scaffold = Scaffold(recipe)
+    enabled = frozenset(
+        t for t, on in (("neurons", recipe.ghost_neurons), ("skips", recipe.ghost_skips)) if on
+    )
+    surgery = Surgery(
+        context=PassContext(recipe, modules, scaffold),
+        entries=entries,
+        pristine=pristine,
+        signature=inspect.signature(model.forward),
+        enabled=enabled,
+        model_name=type(model).__name__,
+    )
+    surgery.sync()
+    factors = rescale_factors(entries, recipe, _normalized_layers(pristine[True], modules))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    scaffold.schedule.to(device)
+    scaffold.surgery = surgery
+    scaffold.register_load_state_dict_post_hook(_sync_after_load)
+    try:
+        model.add_module("tost", scaffold)
+        attach_masks(entries)
+        model.forward = types.MethodType(_prepared_forward, model)
+    except BaseException:
+        _undo(model, entries)
+        raise
+    with torch.no_grad():
+        for entry in entries:
+            weight = original_parameter(entry)
+            weight.mul_(entry.mask)
+            factor = factors.get(entry.name)
+            if factor is not None:
+                weight.mul_(factor.to(weight.device) if isinstance(factor, torch.Tensor) else factor)
+                surgery.rescaled[entry.name] = float(torch.as_tensor(factor).float().mean())
+    return model
+
+
+def finalize(model: nn.Module, *, force: bool = False) -> nn.Module:
+    """Remove the scaffolding and bake the masks: a plain sparse model of the original class.
+
+    Returns the same object, with its original forward and ``state_dict`` keys, and masked
+    weights exactly zero. Refuses while scaffolding is still annealing, unless ``force``
+    (which drops it mid-way: outputs change).
+
+    Example:
+        >>> clean = finalize(model)
+        >>> type(clean)().load_state_dict(clean.state_dict())
+    """
+    surgery = surgery_of(model, "finalize")
+    pending = surgery.pending()
+    if pending and not force:
+        schedule = surgery.schedule
+        details = ", ".join(
+            f"ghost {t} at step {schedule.steps_taken} of {schedule.recipe.warmup_steps(t)}" for t in sorted(pending)
+        )
+        raise StateError(
+            f"Cannot finalize {type(model).__name__}: scaffolding is still annealing ({details}).\n"
+            "Hint: keep training (tost_surgery.step / bind) to the end of the warm-up, "
+            "or pass force=True to drop it now (the outputs will change)."
+        )
+    for handle in surgery.bindings.values():
+        handle.remove()
+    surgery.bindings.clear()
+    detach_masks(surgery.entries, bake=True)
+    _undo(model, [])
+    return model
+
+
+def surgery_of(model: nn.Module, verb: str) -> Surgery:
+    """The :class:`Surgery` of a prepared model, or a :class:`StateError` naming ``verb``."""
+    scaffold = getattr(model, "tost", None) if isinstance(model, nn.Module) else None
+    if not isinstance(scaffold, Scaffold):
+        raise StateError(
+            f"{verb}: {type(model).__name__} is not prepared by tost_surgery.\n"
+            "Hint: call tost_surgery.prepare(model, mask, recipe) first."
+        )
+    return scaffold.surgery
+
+
+def _check_preparable(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TostSurgeryError(f"prepare takes an nn.Module, found {type(model).__name__}.")
+    name = type(model).__name__
+    if isinstance(getattr(model, "tost", None), Scaffold):
+        raise StateError(
+            f"{name} is already prepared by tost_surgery.\nHint: finalize(model) first, or prepare a fresh model."
+        )
+    if hasattr(model, "tost"):
+        raise StateError(f"{name} already has an attribute 'tost', where tost_surgery keeps its scaffolding.")
+    if "forward" in model.__dict__:
+        raise StateError(
+            f"{name} has a forward set on the instance; torch.fx traces the class's forward.\n"
+            "Hint: prepare the plain model, before patching or wrapping it."
+        )
+    wrapped = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+    if isinstance(wrapped, nn.Module) and type(model).__name__ in (
+        "OptimizedModule", "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"
+    ):
+        raise StateError(
+            f"prepare got a {name} wrapper.\n"
+            "Hint: prepare the inner model first, then wrap it (torch.compile, DDP, ...)."
+        )
+
+
+def _normalized_layers(graph: fx.Graph, modules: dict[str, nn.Module]) -> frozenset[str]:
+    """Modules every call of which feeds a normalization layer."""
+    calls: dict[str, list[bool]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(feeds_normalization(node, modules))
+    return frozenset(name for name, feeds in calls.items() if all(feeds))
+
+
+def _undo(model: nn.Module, entries: list[MaskEntry]) -> None:
+    """Take off whatever prepare attached: masks (unbaked), the scaffold, the forward."""
+    detach_masks(entries, bake=False)
+    if "tost" in model._modules:
+        del model._modules["tost"]
+    model.__dict__.pop("forward", None)
+

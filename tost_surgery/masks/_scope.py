@@ -1,0 +1,62 @@
+"""Which parameters a mask-making method prunes."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._errors import MaskError
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def prunable_weights(
+    model: nn.Module,
+    include: Sequence[str | type[nn.Module]] | None = None,
+    exclude: Sequence[str | type[nn.Module]] = (),
+) -> dict[str, torch.Tensor]:
+    """``{name: weight}`` of the layers to prune, in model order.
+
+    By default every ``weight`` of a Conv1d/2d/3d or Linear layer, the first and last
+    layers included. ``include`` / ``exclude`` take module types or glob patterns over
+    parameter names (``"head.*"``, ``"*.downsample.*"``).
+    """
+    chosen = {}
+    for module_name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        name = f"{module_name}.weight" if module_name else "weight"
+        rules = DEFAULT_TYPES if include is None else include
+        if _matches(name, module, rules) and not _matches(name, module, exclude):
+            chosen[name] = weight
+    if not chosen:
+        raise MaskError(
+            f"No prunable layer in {type(model).__name__} (looked for {[t.__name__ for t in DEFAULT_TYPES]}"
+            f" weights, include={include!r}, exclude={list(exclude)!r}).\n"
+            "Hint: pass include=[...] with module types or name patterns."
+        )
+    return chosen
+
+
+def _matches(name: str, module: nn.Module, rules: Sequence[str | type[nn.Module]]) -> bool:
+    for rule in rules:
+        if isinstance(rule, str):
+            if fnmatch.fnmatchcase(name, rule):
+                return True
+        elif isinstance(module, rule):
+            return True
+    return False
+
+
+def check_sparsity(sparsity: object) -> float:
+    """``sparsity`` as a float in [0, 1), or a :class:`MaskError`."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise MaskError(
+            f"sparsity is the fraction of weights removed, in [0, 1), found {sparsity!r}.\n"
+            "Hint: sparsity=0.95 keeps 5% of the weights."
+        )
+    return float(sparsity)
