@@ -197,7 +197,7 @@ def finalize(model: nn.Module, *, force: bool = False) -> nn.Module:
             "Hint: keep training (tost_surgery.step / bind) to the end of the warm-up, "
             "or pass force=True to drop it now (the outputs will change)."
         )
-    for handle in surgery.bindings.values():
+    for handle in list(surgery.bindings.values()):
         handle.remove()
     surgery.bindings.clear()
     detach_masks(surgery.entries, bake=True)
