@@ -77,12 +77,15 @@ def normalize_mask(model: nn.Module, mask: object) -> list[MaskEntry]:
     entries: list[MaskEntry] = []
     seen: dict[int, str] = {}
     for name, value in mask.items():
+        if isinstance(name, str) and name not in params and _is_parametrized_tensor(model, name):
+            raise MaskError(
+                f"Parameter {name!r} already has a parametrization; tost_surgery will not stack on it.\n"
+                "Hint: remove it with torch.nn.utils.parametrize.remove_parametrizations first."
+            )
         if not isinstance(name, str) or name not in params:
-            if isinstance(name, str) and name.endswith(".parametrizations.weight.original"):
-                hint = " The model already carries parametrizations: finalize it first."
-            else:
-                hint = did_you_mean(str(name), params)
-            raise MaskError(f"Mask key {name!r} names no parameter of {type(model).__name__}.{hint}")
+            raise MaskError(
+                f"Mask key {name!r} names no parameter of {type(model).__name__}." + did_you_mean(str(name), params)
+            )
         param = params[name]
         module_name, attr = owners[name]
         module = model.get_submodule(module_name)
@@ -129,6 +132,15 @@ def _check_mask_value(name: str, value: object, param: torch.Tensor) -> torch.Te
             "or leave the layer out of the mask to train it dense."
         )
     return value.detach().to(device=param.device, dtype=torch.bool).clone()
+
+
+def _is_parametrized_tensor(model: nn.Module, name: str) -> bool:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    return parametrize.is_parametrized(module, attr)
 
 
 def _parameter_owners(model: nn.Module) -> dict[str, tuple[str, str]]:

@@ -226,18 +226,18 @@ def _check_preparable(model: object) -> None:
         )
     if hasattr(model, "tost"):
         raise StateError(f"{name} already has an attribute 'tost', where tost_surgery keeps its scaffolding.")
-    if "forward" in model.__dict__:
-        raise StateError(
-            f"{name} has a forward set on the instance; torch.fx traces the class's forward.\n"
-            "Hint: prepare the plain model, before patching or wrapping it."
-        )
     wrapped = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-    if isinstance(wrapped, nn.Module) and type(model).__name__ in (
+    if isinstance(wrapped, nn.Module) and name in (
         "OptimizedModule", "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"
     ):
         raise StateError(
             f"prepare got a {name} wrapper.\n"
             "Hint: prepare the inner model first, then wrap it (torch.compile, DDP, ...)."
+        )
+    if "forward" in model.__dict__:
+        raise StateError(
+            f"{name} has a forward set on the instance; torch.fx traces the class's forward.\n"
+            "Hint: prepare the plain model, before patching or wrapping it."
         )
 
 
