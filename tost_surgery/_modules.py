@@ -35,6 +35,8 @@ class GhostSkip(nn.Module):
         else:
             padding = _pair(conv.padding)  # type: ignore[arg-type]
         self.padding, self.reach = padding, reach
+        # "same" pads ``reach`` in total (``reach // 2`` before, the rest after).
+        self.total_padding = reach if conv.padding == "same" else tuple(2 * p for p in padding)
         # Receptive-field centre of output pixel i in input coordinates: i * stride + offset.
         self.offset = tuple(r // 2 - p for r, p in zip(reach, padding))
         self.is_aligned = all(2 * p == r for p, r in zip(padding, reach))
@@ -60,7 +62,9 @@ class GhostSkip(nn.Module):
 
     def _sample(self, x: torch.Tensor) -> torch.Tensor:
         sizes = x.shape[-2:]
-        lengths = [(n + 2 * p - r - 1) // s + 1 for n, p, r, s in zip(sizes, self.padding, self.reach, self.stride)]
+        lengths = [
+            (n + t - r - 1) // s + 1 for n, t, r, s in zip(sizes, self.total_padding, self.reach, self.stride)
+        ]
         before = [max(0, -o) for o in self.offset]
         after = [max(0, o + (m - 1) * s + 1 - n) for o, m, s, n in zip(self.offset, lengths, self.stride, sizes)]
         if any(before) or any(after):

@@ -21,7 +21,8 @@ def random(
 ) -> dict[str, torch.Tensor]:
     """Uniform random mask: every layer keeps the same fraction ``1 - sparsity`` of weights.
 
-    The total number of kept weights is exact; per-layer counts differ by at most one from
+    The total number of kept weights is exact and every layer keeps at least one; where no
+    layer would round below one weight, per-layer counts differ by at most one from
     ``(1 - sparsity) * numel``. The model and the global RNG are left untouched.
 
     Example:
