@@ -175,7 +175,13 @@ def test_not_a_module() -> None:
 
 @pytest.mark.parametrize(
     "call",
-    [tost.finalize, tost.step, tost.label_smoothing, tost.graph, lambda m: tost.bind(m, torch.optim.SGD(m.parameters(), lr=1))],
+    [
+        tost.finalize,
+        tost.step,
+        tost.label_smoothing,
+        tost.graph,
+        lambda m: tost.bind(m, torch.optim.SGD(m.parameters(), lr=1)),
+    ],
     ids=["finalize", "step", "label_smoothing", "graph", "bind"],
 )
 def test_calls_on_an_unprepared_model(call, tiny) -> None:

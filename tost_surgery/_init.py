@@ -26,7 +26,8 @@ def rescale_factors(
     if not recipe.rescale_init:
         return factors
     for entry in entries:
-        is_layer_weight = entry.attr == "weight" and isinstance(entry.module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        layer_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        is_layer_weight = entry.attr == "weight" and isinstance(entry.module, layer_types)
         if not is_layer_weight or entry.mask.dim() < 2:
             continue
         if recipe.rescale_scope == "unnormalized" and entry.module_name in normalized:

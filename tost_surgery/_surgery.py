@@ -75,7 +75,8 @@ class Surgery:
             graphs[mode] = graph
         self.graphs = graphs
         self.forwards = {
-            mode: compile_forward(graph, f"{self.model_name} {'train' if mode else 'eval'}") for mode, graph in graphs.items()
+            mode: compile_forward(graph, f"{self.model_name} {'train' if mode else 'eval'}")
+            for mode, graph in graphs.items()
         }
         if graphs[False] is graphs[True]:
             self.forwards[False] = self.forwards[True]

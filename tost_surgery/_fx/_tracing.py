@@ -11,7 +11,6 @@ import copy
 import inspect
 from collections.abc import Iterable, Sequence
 
-import torch
 from torch import fx, nn
 
 from .._errors import TraceError

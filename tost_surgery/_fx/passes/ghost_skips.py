@@ -6,7 +6,6 @@ import torch
 from torch import fx, nn
 
 from ..._modules import GhostSkip
-
 from .._context import TAG, PassContext, schedule_coefficient
 from .._patterns import module_of, norm_after
 
