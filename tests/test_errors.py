@@ -98,7 +98,7 @@ PREPARE_CASES = [
      "leaf_modules names 'blocks', which is no submodule"),
     ("leaf-bad-type", TinyNet, bernoulli_mask, {"leaf_modules": [3]}, TraceError,
      "leaf_modules takes nn.Module subclasses or qualified names, found 3"),
-    ("untraceable", Untraceable, bernoulli_mask, {}, TraceError,
+    ("untraceable-strict", Untraceable, bernoulli_mask, {"strict": True}, TraceError,
      r"could not trace Untraceable in Untraceable.forward: TraceError: symbolically traced.*\nHint: pass leaf_modules"),
 ]
 
@@ -131,7 +131,7 @@ def test_untraceable_submodule_is_named() -> None:
     model = Outer()
     before = snapshot(model)
     with pytest.raises(TraceError, match=r"(?s)in submodule 'inner' \(Untraceable\).*leaf_modules=\['inner'\]"):
-        tost.prepare(model, bernoulli_mask(model))
+        tost.prepare(model, bernoulli_mask(model), strict=True)
     assert_unchanged(model, before)
     tost.prepare(model, bernoulli_mask(model), leaf_modules=["inner"])  # the hint works
 

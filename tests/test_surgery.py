@@ -449,3 +449,88 @@ def test_leaf_modules_are_called_whole(images) -> None:
     assert "block" in nodes
     assert count_targets(model, torch.lerp) == 1  # the ReLU inside the leaf is not rewritten
     model(images.abs())
+
+
+class DataDependentBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv(x)) if x.sum() > 0 else x
+
+
+def test_untraceable_block_is_called_whole_with_a_warning(images) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = DataDependentBlock()
+            self.head = nn.Conv2d(3, 2, 1)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.head(self.block(x)))
+
+    torch.manual_seed(0)
+    model = Net()
+    mask = bernoulli_mask(model)
+    reference = masked_reference(model, mask)
+    with pytest.warns(tost.TostSurgeryWarning, match=r"submodule 'block' \(DataDependentBlock\) cannot be traced"):
+        tost.prepare(model, mask, Recipe.tost(total_steps=2))
+    assert any("block" in note for note in model.tost.surgery.notes)
+    assert count_targets(model, torch.lerp) == 1 and count_targets(model, torch.addcmul) == 1
+    tost.step(model, 2)
+    x = images.abs()
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+def test_untraceable_model_runs_eagerly_with_ghost_relu_modules(images) -> None:
+    torch.manual_seed(0)
+    model = DataDependentBlock()
+    mask = bernoulli_mask(model)
+    reference = masked_reference(model, mask)
+    with pytest.warns(tost.TostSurgeryWarning, match="cannot be traced.*runs eagerly"):
+        tost.prepare(model, mask, Recipe.tost(total_steps=4, rescale_init=False))
+    assert "forward" not in model.__dict__
+    assert type(model.relu).__name__ == "EagerGhostNeuron"
+    assert "ghost skips not applied" in " ".join(model.tost.surgery.notes)
+    x = images.abs()
+    torch.testing.assert_close(model(x), F.silu(reference.conv(x)))
+    with pytest.raises(tost.StateError, match="runs eagerly"):
+        tost.graph(model)
+    tost.step(model, 4)
+    assert type(model.relu) is nn.ReLU  # retired: the original module is back
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    keys = list(reference.state_dict())
+    tost.finalize(model)
+    assert list(model.state_dict()) == keys and type(model.relu) is nn.ReLU
+
+
+def test_callable_mask(tiny, images) -> None:
+    def keep_positive(name, param):
+        return param > 0 if name.startswith("conv") and name.endswith("weight") else None
+
+    tost.prepare(tiny, keep_positive)
+    assert [e.name for e in tiny.tost.surgery.entries] == ["conv1.weight", "conv2.weight", "conv3.weight"]
+    assert (tiny.conv2.weight >= 0).all()
+
+
+def test_relu6_sites_by_setting(images) -> None:
+    class WithRelu6(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.act = nn.ReLU6(inplace=True)
+
+        def forward(self, x):
+            return F.relu6(self.act(self.conv(x))) + torch.relu(x).mean()
+
+    # (setting, ghost neurons, F.relu6 nodes): off, the module and F.relu6 stay as they are;
+    # on, both ReLU6 sites become ghosts whose hard branch is F.relu6.
+    for relu6, ghosts, relu6_nodes in ((False, 1, 1), (True, 3, 2)):
+        model = WithRelu6()
+        tost.prepare(model, bernoulli_mask(model), Recipe.tost(total_steps=2, ghost_skips=False, neuron_relu6=relu6))
+        assert count_targets(model, torch.lerp) == ghosts
+        assert count_targets(model, F.relu6) == relu6_nodes
+        model(images)

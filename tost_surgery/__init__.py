@@ -10,7 +10,7 @@ Example:
 """
 
 from . import masks
-from ._errors import MaskError, RecipeError, StateError, TostSurgeryError, TraceError
+from ._errors import MaskError, RecipeError, StateError, TostSurgeryError, TostSurgeryWarning, TraceError
 from ._recipe import Recipe
 from ._surgery import finalize, prepare
 from ._training import BindHandle, bind, graph, label_smoothing, step
@@ -24,6 +24,7 @@ __all__ = [
     "RecipeError",
     "StateError",
     "TostSurgeryError",
+    "TostSurgeryWarning",
     "TraceError",
     "bind",
     "finalize",

@@ -26,6 +26,10 @@ class TraceError(TostSurgeryError):
     """torch.fx could not trace the model."""
 
 
+class TostSurgeryWarning(UserWarning):
+    """Something was not applied as asked (a block kept whole, a model run eagerly); it still works."""
+
+
 class StateError(TostSurgeryError):
     """A call came at the wrong point of the lifecycle (prepared twice, finalized too early...)."""
 

@@ -57,6 +57,18 @@ class MaskEntry:
         return self.kept / self.mask.numel()
 
 
+def resolve_mask(model: nn.Module, mask: object) -> object:
+    """A callable ``(name, param) -> Tensor | None`` becomes a dict; anything else is returned as is."""
+    if callable(mask) and not isinstance(mask, (Mapping, torch.Tensor, nn.Module)):
+        resolved = {}
+        for name, param in model.named_parameters():
+            value = mask(name, param)
+            if value is not None:
+                resolved[name] = value
+        return resolved
+    return mask
+
+
 def normalize_mask(model: nn.Module, mask: object) -> list[MaskEntry]:
     """Check ``mask`` against ``model`` and return one entry per masked parameter.
 
@@ -64,7 +76,8 @@ def normalize_mask(model: nn.Module, mask: object) -> list[MaskEntry]:
     """
     if not isinstance(mask, Mapping):
         raise MaskError(
-            f"A mask is a dict mapping parameter names to tensors, found {type(mask).__name__}.\n"
+            f"A mask is a dict mapping parameter names to tensors (or a callable (name, param) -> "
+            f"tensor or None), found {type(mask).__name__}.\n"
             "Hint: build one with tost_surgery.masks.erk(model, sparsity=0.9)."
         )
     if not mask:

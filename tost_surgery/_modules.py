@@ -23,7 +23,7 @@ class GhostSkip(nn.Module):
     ``init``, and its own BatchNorm (the paper's code), or nothing (``identity``).
     """
 
-    def __init__(self, conv: nn.Conv2d, *, identity: bool, init: float) -> None:
+    def __init__(self, conv: nn.Conv2d, *, identity: bool, init: float, dynamic_same: bool = False) -> None:
         super().__init__()
         self.stride = _pair(conv.stride)
         dilation, kernel = _pair(conv.dilation), _pair(conv.kernel_size)
@@ -39,7 +39,9 @@ class GhostSkip(nn.Module):
         self.total_padding = reach if conv.padding == "same" else tuple(2 * p for p in padding)
         # Receptive-field centre of output pixel i in input coordinates: i * stride + offset.
         self.offset = tuple(r // 2 - p for r, p in zip(reach, padding))
-        self.is_aligned = all(2 * p == r for p, r in zip(padding, reach))
+        # timm's Conv2dSame pads for "same" output size from each input's size (TF style).
+        self.dynamic_same = dynamic_same
+        self.is_aligned = not dynamic_same and all(2 * p == r for p, r in zip(padding, reach))
         self.conv: nn.Conv2d | None = None
         self.bn: nn.BatchNorm2d | None = None
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
@@ -62,19 +64,26 @@ class GhostSkip(nn.Module):
 
     def _sample(self, x: torch.Tensor) -> torch.Tensor:
         sizes = x.shape[-2:]
-        lengths = [
-            (n + t - r - 1) // s + 1 for n, t, r, s in zip(sizes, self.total_padding, self.reach, self.stride)
-        ]
-        before = [max(0, -o) for o in self.offset]
-        after = [max(0, o + (m - 1) * s + 1 - n) for o, m, s, n in zip(self.offset, lengths, self.stride, sizes)]
+        if self.dynamic_same:
+            lengths = [-(-n // s) for n, s in zip(sizes, self.stride)]
+            totals = [max((m - 1) * s + r + 1 - n, 0) for m, s, r, n in zip(lengths, self.stride, self.reach, sizes)]
+            offset = [r // 2 - t // 2 for r, t in zip(self.reach, totals)]
+        else:
+            lengths = [
+                (n + t - r - 1) // s + 1 for n, t, r, s in zip(sizes, self.total_padding, self.reach, self.stride)
+            ]
+            offset = self.offset
+        before = [max(0, -o) for o in offset]
+        after = [max(0, o + (m - 1) * s + 1 - n) for o, m, s, n in zip(offset, lengths, self.stride, sizes)]
         if any(before) or any(after):
             x = F.pad(x, (before[1], after[1], before[0], after[0]))
-        (oh, ow), (sh, sw) = [o + b for o, b in zip(self.offset, before)], self.stride
+        (oh, ow), (sh, sw) = [o + b for o, b in zip(offset, before)], self.stride
         return x[..., oh : oh + (lengths[0] - 1) * sh + 1 : sh, ow : ow + (lengths[1] - 1) * sw + 1 : sw]
 
     def extra_repr(self) -> str:
         kind = "identity" if self.conv is None else "conv1x1+bn"
-        return f"{kind}, stride={self.stride}, aligned={self.is_aligned}"
+        padding = ", dynamic_same" if self.dynamic_same else ""
+        return f"{kind}, stride={self.stride}, aligned={self.is_aligned}{padding}"
 
 
 class Scaffold(nn.Module):

@@ -52,6 +52,8 @@ class Recipe:
     soft_activation: SoftActivation = "silu"
     neuron_warmup: float | None = None
     """Warm-up of the ghost neurons alone; ``None`` uses ``warmup``."""
+    neuron_relu6: bool = False
+    """Also blend ReLU6 sites (``nn.ReLU6``, ``F.relu6``) from the soft activation to ReLU6."""
 
     ghost_skips: bool = False
     """Add ``a * branch(x)`` from each Conv2d's input to its (norm's) output, ``a`` 1 -> 0."""
@@ -84,7 +86,7 @@ class Recipe:
                     f"Recipe.{name} must be one of {list(choices)}, found {value!r}."
                     + did_you_mean(str(value), choices)
                 )
-        for name in ("ghost_neurons", "ghost_skips", "skip_linear", "rescale_init"):
+        for name in ("ghost_neurons", "neuron_relu6", "ghost_skips", "skip_linear", "rescale_init"):
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(f"Recipe.{name} must be a bool, found {getattr(self, name)!r}.")
         for name in ("warmup", "neuron_warmup", "skip_warmup"):

@@ -16,9 +16,11 @@ from ._fx._codegen import compile_forward
 from ._fx._context import PassContext
 from ._fx._patterns import feeds_normalization
 from ._fx._tracing import trace_per_mode
+from ._eager import EagerNeurons
 from ._fx.passes import insert_ghost_neurons, insert_ghost_skips
+from ._fx.passes.split_norm_act import split_norm_act
 from ._init import rescale_factors
-from ._masking import MaskEntry, attach_masks, detach_masks, normalize_mask, original_parameter
+from ._masking import MaskEntry, attach_masks, detach_masks, normalize_mask, original_parameter, resolve_mask
 from ._modules import Scaffold
 from ._recipe import Recipe
 from ._schedule import Technique
@@ -36,10 +38,14 @@ class Surgery:
 
     context: PassContext
     entries: list[MaskEntry]
-    pristine: dict[bool, fx.Graph]
+    pristine: dict[bool, fx.Graph] | None
+    """The traced graphs without scaffolding; None when the model runs eagerly."""
     signature: inspect.Signature
     enabled: frozenset[Technique]
     model_name: str
+    notes: list[str] = field(default_factory=list)
+    """What was not applied as asked, and why (blocks kept whole, eager fallback)."""
+    eager_neurons: EagerNeurons | None = None
     rescaled: dict[str, float] = field(default_factory=dict)
     active: frozenset[Technique] = frozenset()
     graphs: dict[bool, fx.Graph] = field(default_factory=dict)
@@ -60,6 +66,11 @@ class Surgery:
         Finished techniques retire: they are left out of the graph, not multiplied by zero.
         """
         active = self.pending()
+        if self.pristine is None:
+            if self.eager_neurons is not None:
+                self.eager_neurons.swap(ghosts="neurons" in active)
+            self.active = active
+            return
         if active == self.active and self.forwards and not force:
             return
         graphs: dict[bool, fx.Graph] = {}
@@ -112,6 +123,7 @@ def prepare(
     recipe: Recipe | None = None,
     *,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
+    strict: bool = False,
 ) -> nn.Module:
     """Attach ``mask`` and the ToST scaffolding to ``model``, in place.
 
@@ -125,6 +137,8 @@ def prepare(
         recipe: which techniques run; ``None`` means :meth:`Recipe.baseline` (masks only).
             Use ``Recipe.tost(total_steps=...)`` for the full recipe.
         leaf_modules: module classes or qualified names to call whole, not trace through.
+        strict: raise a :class:`TraceError` instead of calling an untraceable submodule
+            whole, or running an untraceable model eagerly (both warn by default).
 
     Example:
         >>> model = prepare(model, masks.erk(model, 0.95), Recipe.tost(total_steps=10_000))
@@ -136,23 +150,37 @@ def prepare(
             f"recipe must be a tost_surgery.Recipe, found {type(recipe).__name__}.\n"
             "Hint: Recipe.tost(total_steps=N) or Recipe.baseline()."
         )
-    entries = normalize_mask(model, mask)
-    pristine = trace_per_mode(model, leaf_modules)
+    entries = normalize_mask(model, resolve_mask(model, mask))
+    pristine, notes = trace_per_mode(model, leaf_modules, strict=strict)
     modules = dict(model.named_modules())
     scaffold = Scaffold(recipe)
-    enabled = frozenset(
-        t for t, on in (("neurons", recipe.ghost_neurons), ("skips", recipe.ghost_skips)) if on
-    )
+    context = PassContext(recipe, modules, scaffold)
+    enabled = {t for t, on in (("neurons", recipe.ghost_neurons), ("skips", recipe.ghost_skips)) if on}
+    eager_neurons = None
+    if pristine is None:
+        if "skips" in enabled:
+            notes.append("ghost skips not applied: they need a graph")
+        enabled.discard("skips")
+        if "neurons" in enabled:
+            kinds = {"relu", "relu6"} if recipe.neuron_relu6 else {"relu"}
+            eager_neurons = EagerNeurons(model, kinds, recipe.soft_activation, scaffold.schedule)
+    else:
+        for graph in {id(g): g for g in pristine.values()}.values():
+            split_norm_act(graph, context)
     surgery = Surgery(
-        context=PassContext(recipe, modules, scaffold),
+        context=context,
         entries=entries,
         pristine=pristine,
         signature=inspect.signature(model.forward),
-        enabled=enabled,
+        enabled=frozenset(enabled),
         model_name=type(model).__name__,
+        notes=notes,
+        eager_neurons=eager_neurons,
     )
-    surgery.sync()
-    factors = rescale_factors(entries, recipe, _normalized_layers(pristine[True], modules))
+    if pristine is not None:
+        surgery.sync()
+    normalized = _normalized_layers(pristine[True], modules) if pristine is not None else frozenset()
+    factors = rescale_factors(entries, recipe, normalized)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     scaffold.schedule.to(device)
     scaffold.surgery = surgery
@@ -160,7 +188,10 @@ def prepare(
     try:
         model.add_module("tost", scaffold)
         attach_masks(entries)
-        model.forward = types.MethodType(_prepared_forward, model)
+        if pristine is None:
+            surgery.sync()
+        else:
+            model.forward = types.MethodType(_prepared_forward, model)
     except BaseException:
         _undo(model, entries)
         raise
@@ -254,6 +285,10 @@ def _normalized_layers(graph: fx.Graph, modules: dict[str, nn.Module]) -> frozen
 def _undo(model: nn.Module, entries: list[MaskEntry]) -> None:
     """Take off whatever prepare attached: masks (unbaked), the scaffold, the forward."""
     detach_masks(entries, bake=False)
+    scaffold = model._modules.get("tost")
+    eager = getattr(getattr(scaffold, "surgery", None), "eager_neurons", None)
+    if eager is not None:
+        eager.swap(ghosts=False)
     if "tost" in model._modules:
         del model._modules["tost"]
     model.__dict__.pop("forward", None)

@@ -82,5 +82,9 @@ def graph(model: nn.Module, *, training: bool | None = None) -> fx.GraphModule:
         >>> print(tost_surgery.graph(model).code)
     """
     surgery = surgery_of(model, "graph")
+    if surgery.pristine is None:
+        raise StateError(
+            f"graph: {surgery.model_name} runs eagerly: torch.fx could not trace it ({'; '.join(surgery.notes)})."
+        )
     mode = model.training if training is None else bool(training)
     return fx.GraphModule(model, copy.deepcopy(surgery.graphs[mode]), class_name=f"{surgery.model_name}Tost")

@@ -11,11 +11,17 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ._ops import norm_of_norm_act
+
 Modules = Mapping[str, nn.Module]
 
 RELU_FUNCTIONS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_})
 RELU_METHODS = frozenset({"relu", "relu_"})
-BATCH_NORM_FUNCTIONS = frozenset({F.batch_norm, torch.batch_norm})
+BATCH_NORM_FUNCTIONS = frozenset({F.batch_norm, torch.batch_norm, norm_of_norm_act})
+# timm convs whose forward differs from nn.Conv2d's: same geometry from their attributes...
+_STATIC_CONV_CLASSES = frozenset({"StdConv2d", "ScaledStdConv2d"})
+# ...or TensorFlow-style "same" padding computed from the input size at every call.
+_DYNAMIC_SAME_CONV_CLASSES = frozenset({"Conv2dSame", "Conv2dSameExport", "StdConv2dSame", "ScaledStdConv2dSame"})
 NORM_FUNCTIONS = BATCH_NORM_FUNCTIONS | {F.layer_norm, F.group_norm, F.instance_norm}
 NORM_MODULES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 # Ops through which "this layer's output is normalized" still holds: they commute with a
@@ -31,16 +37,36 @@ def module_of(node: fx.Node, modules: Modules) -> nn.Module | None:
     return modules.get(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
 
 
-def is_relu_site(node: fx.Node, modules: Modules) -> bool:
-    """Whether ``node`` applies ReLU: an ``nn.ReLU`` module, ``F.relu``, ``torch.relu``, ``x.relu()``,
-    or an in-place form of any of them."""
+def activation_site(node: fx.Node, modules: Modules) -> str | None:
+    """``"relu"`` or ``"relu6"`` when ``node`` applies that activation (module, function, method,
+    in-place or not), else None."""
     if node.op == "call_module":
-        return type(module_of(node, modules)) is nn.ReLU
+        return {nn.ReLU: "relu", nn.ReLU6: "relu6"}.get(type(module_of(node, modules)))  # type: ignore[arg-type]
     if node.op == "call_function":
-        return node.target in RELU_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in RELU_METHODS
-    return False
+        if node.target in RELU_FUNCTIONS:
+            return "relu"
+        return "relu6" if node.target is F.relu6 else None
+    if node.op == "call_method" and node.target in RELU_METHODS:
+        return "relu"
+    return None
+
+
+def is_relu_site(node: fx.Node, modules: Modules) -> bool:
+    """Whether ``node`` applies ReLU (not ReLU6)."""
+    return activation_site(node, modules) == "relu"
+
+
+def conv_padding_kind(module: nn.Module | None) -> str | None:
+    """How a Conv2d pads: ``"static"`` (its attributes say), ``"dynamic_same"`` (timm's TF-style
+    same padding), or None for a conv whose forward we cannot vouch for."""
+    if not isinstance(module, nn.Conv2d):
+        return None
+    names = {cls.__name__ for cls in type(module).__mro__}
+    if names & _DYNAMIC_SAME_CONV_CLASSES:
+        return "dynamic_same"
+    if type(module).forward is nn.Conv2d.forward or names & _STATIC_CONV_CLASSES:
+        return "static"
+    return None
 
 
 def is_inplace(node: fx.Node, modules: Modules) -> bool:
@@ -70,12 +96,17 @@ def aliases(node: fx.Node, modules: Modules) -> list[fx.Node]:
     return chain
 
 
+def _normalized_input(node: fx.Node) -> object:
+    """The tensor a norm node normalizes."""
+    return node.args[1] if node.target is norm_of_norm_act else (node.args[0] if node.args else None)
+
+
 def norm_after(node: fx.Node, modules: Modules) -> fx.Node | None:
     """The BatchNorm node that is the sole user of ``node``, if there is one."""
     if len(node.users) != 1:
         return None
     user = next(iter(node.users))
-    if not user.args or user.args[0] is not node:
+    if _normalized_input(user) is not node:
         return None
     if isinstance(module_of(user, modules), _BatchNorm):
         return user

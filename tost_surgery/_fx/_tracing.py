@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Iterable, Sequence
 
 from torch import fx, nn
@@ -30,6 +31,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if isinstance(m, nn.Conv2d):  # timm's StdConv2d etc.: one node, one ghost-skip site
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -78,10 +81,15 @@ def _concrete_args(model: nn.Module) -> dict[str, object]:
     return concrete
 
 
-def trace_per_mode(model: nn.Module, leaf_modules: LeafSpec = ()) -> dict[bool, fx.Graph]:
-    """Return ``{True: train_graph, False: eval_graph}`` (the same graph when they agree).
+def trace_per_mode(
+    model: nn.Module, leaf_modules: LeafSpec = (), *, strict: bool = False
+) -> tuple[dict[bool, fx.Graph] | None, list[str]]:
+    """Return ``({True: train_graph, False: eval_graph}, notes)``; one graph when the modes agree.
 
-    The model's training flags and the Python state of its modules are as before afterwards.
+    A submodule that torch.fx cannot trace is called whole instead (a leaf), with a warning
+    and a note naming it. When the model's own forward cannot be traced the graphs are
+    None. ``strict`` turns both into a :class:`TraceError`. The model's training flags and
+    the Python state of its modules are as before afterwards.
     """
     leaf_types, leaf_names = _split_leaves(model, leaf_modules)
     timm_types, timm_functions = ecosystem_leaves()
@@ -89,16 +97,35 @@ def trace_per_mode(model: nn.Module, leaf_modules: LeafSpec = ()) -> dict[bool, 
     flags = [(m, m.training) for m in model.modules()]
     snapshot = _snapshot_python_state(model)
     graphs: dict[bool, fx.Graph] = {}
+    notes: list[str] = []
     try:
-        for mode in (True, False):
+        mode = True
+        while len(graphs) < 2:
             model.train(mode)
             tracer = _Tracer(leaf_types + timm_types, leaf_names, timm_functions)
             try:
                 graphs[mode] = tracer.trace(model, concrete_args=concrete or None)
+                mode = False
             except TraceError:
                 raise
-            except Exception as error:
-                raise _trace_error(model, tracer, error) from error
+            except Exception as error:  # noqa: BLE001 - any tracing failure is reported the same way
+                failure = _trace_error(model, tracer, error)
+                where = failure.where
+                if strict or where in leaf_names or len(notes) >= _MAX_AUTO_LEAVES:
+                    raise failure from error
+                if not where:
+                    notes.append(f"not traceable: {failure.reason}; only masks, rescaling and eager ghost neurons")
+                    _warn(f"{type(model).__name__} cannot be traced ({failure.reason}); {_FALLBACK}")
+                    return None, notes
+                leaf_names = leaf_names | {where}
+                notes.append(f"{where} ({type(model.get_submodule(where)).__name__}) called whole: {failure.reason}")
+                _warn(
+                    f"submodule {where!r} ({type(model.get_submodule(where)).__name__}) cannot be traced "
+                    f"({failure.reason}); it is called whole and gets no scaffolding inside. "
+                    "Pass strict=True to make this an error."
+                )
+                graphs.clear()
+                mode = True
             finally:
                 _restore_python_state(snapshot)
     finally:
@@ -106,26 +133,39 @@ def trace_per_mode(model: nn.Module, leaf_modules: LeafSpec = ()) -> dict[bool, 
             module.training = flag
     if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
         graphs[False] = graphs[True]
-    return graphs
+    return graphs, notes
+
+
+_MAX_AUTO_LEAVES = 200
+_FALLBACK = (
+    "it runs eagerly: masks and rescaling apply, its nn.ReLU modules become ghost neurons, "
+    "and there are no ghost skips. Pass strict=True to make this an error."
+)
+
+
+def _warn(message: str) -> None:
+    from .._errors import TostSurgeryWarning
+
+    warnings.warn(f"tost_surgery: {message}", TostSurgeryWarning, stacklevel=4)
 
 
 def _trace_error(model: nn.Module, tracer: _Tracer, error: Exception) -> TraceError:
     stack = list(getattr(tracer, "module_stack", {}).items())
     where = next((name for name, _ in reversed(stack) if name), "")
-    module_type = ""
-    if where:
-        module_type = type(model.get_submodule(where)).__name__
+    module_type = type(model.get_submodule(where)).__name__ if where else ""
     place = f"in submodule {where!r} ({module_type})" if where else f"in {type(model).__name__}.forward"
     hint = (
         f"Hint: pass leaf_modules=[{where!r}] (or its class {module_type}) to keep it whole"
         if where
         else "Hint: pass leaf_modules=[...] naming the submodule with data-dependent code"
     )
-    return TraceError(
-        f"torch.fx could not trace {type(model).__name__} {place}: "
-        f"{type(error).__name__}: {error}\n{hint}; "
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    failure = TraceError(
+        f"torch.fx could not trace {type(model).__name__} {place}: {reason}\n{hint}; "
         "the rewritten graph then calls it as one opaque module."
     )
+    failure.where, failure.reason = where, reason
+    return failure
 
 
 def _snapshot_python_state(model: nn.Module) -> list[tuple[nn.Module, dict, dict]]:

@@ -5,6 +5,27 @@ Example:
 """
 
 from ._layerwise import erk, erk_densities, random
+from ._lottery import LotteryTicket, lottery
+from ._nm import nm
 from ._scope import prunable_weights
+from ._scores import grasp, magnitude, snip, synflow
+from ._select import keep_top
+from ._sources import from_callable, from_state_dict, from_torch_prune
 
-__all__ = ["erk", "erk_densities", "prunable_weights", "random"]
+__all__ = [
+    "LotteryTicket",
+    "erk",
+    "erk_densities",
+    "from_callable",
+    "from_state_dict",
+    "from_torch_prune",
+    "grasp",
+    "keep_top",
+    "lottery",
+    "magnitude",
+    "nm",
+    "prunable_weights",
+    "random",
+    "snip",
+    "synflow",
+]

@@ -7,13 +7,16 @@ import torch.nn.functional as F
 from torch import fx
 
 from .._context import TAG, PassContext, schedule_coefficient
-from .._patterns import aliases, is_inplace, is_relu_site
+from .._patterns import activation_site, aliases, is_inplace
 
 SOFT_ACTIVATIONS = {"silu": F.silu, "mish": F.mish, "softplus": F.softplus, "gelu": F.gelu}
+HARD_ACTIVATIONS = {"relu": torch.relu, "relu6": F.relu6}
 
 
 def insert_ghost_neurons(graph: fx.Graph, context: PassContext) -> None:
     """Replace each ReLU (module, function, method, in-place or not) with a ghost neuron.
+
+    With ``recipe.neuron_relu6`` ReLU6 sites too (``h = F.relu6(x)``).
 
     Before::
 
@@ -29,17 +32,19 @@ def insert_ghost_neurons(graph: fx.Graph, context: PassContext) -> None:
     pointed at ``y``. ``s``, ``b`` and ``y`` are tagged ``neurons``.
     """
     soft = SOFT_ACTIVATIONS[context.recipe.soft_activation]
+    kinds = {"relu", "relu6"} if context.recipe.neuron_relu6 else {"relu"}
     blend: fx.Node | None = None
     order = {node: i for i, node in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        if not is_relu_site(node, context.modules):
+        site = activation_site(node, context.modules)
+        if site not in kinds:
             continue
         x = node.args[0]
         if blend is None:
             blend = schedule_coefficient(graph, "neuron_blend", "neurons")
         with graph.inserting_before(node):
             smooth = _tagged(graph.call_function(soft, (x,)))
-            hard = graph.call_function(torch.relu, (x,))
+            hard = graph.call_function(HARD_ACTIVATIONS[site], (x,))
             ghost = _tagged(graph.call_function(torch.lerp, (smooth, hard, blend)))
         if is_inplace(node, context.modules):
             later = order[node]

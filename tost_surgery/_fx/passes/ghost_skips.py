@@ -7,11 +7,15 @@ from torch import fx, nn
 
 from ..._modules import GhostSkip
 from .._context import TAG, PassContext, schedule_coefficient
-from .._patterns import module_of, norm_after
+from .._patterns import conv_padding_kind, module_of, norm_after
 
 
 def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
     """Add ``a * branch(x)`` from each Conv2d's input to its BatchNorm's output.
+
+    Sites: ``nn.Conv2d`` modules with torch's forward, and timm's ``StdConv2d`` /
+    ``Conv2dSame`` families; other Conv2d subclasses (unknown forward, so unknown output
+    size) get no skip.
 
     Before::
 
@@ -52,11 +56,14 @@ def _branch_target(node: fx.Node, context: PassContext) -> object:
     """The branch module's target for a site, None for an identity branch, else _NO_SITE."""
     module = module_of(node, context.modules)
     recipe = context.recipe
-    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:
+    padding = conv_padding_kind(module)
+    if padding is not None:
         key = str(node.target)
         if key not in context.conv_to_skip:
             identity = recipe.skip_branch == "auto" and module.in_channels == module.out_channels
-            skip = GhostSkip(module, identity=identity, init=recipe.skip_init)
+            skip = GhostSkip(
+                module, identity=identity, init=recipe.skip_init, dynamic_same=padding == "dynamic_same"
+            )
             if identity and skip.is_aligned and skip.stride == (1, 1):
                 context.conv_to_skip[key] = None  # the branch is x itself: no module needed
             else:

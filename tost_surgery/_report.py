@@ -1,0 +1,175 @@
+"""`report`: what a mask keeps, layer by layer, and what scaffolding a prepared model carries."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ._errors import MaskError
+from ._masking import MaskEntry, MaskParametrization
+from ._modules import Scaffold
+from .masks._scope import prunable_weights
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One masked parameter: its name and shape, the weights it keeps, and its scaffolding."""
+
+    name: str
+    shape: tuple[int, ...]
+    kept: int
+    total: int
+    density: float
+    scaffolding: str = ""
+    """For a prepared model: ``"ghost skip tost_skip_3"``, ``"identity skip"``, ``"rescaled x2.31"``."""
+
+
+@dataclass(frozen=True)
+class Report:
+    """Per-layer and global densities; print it, or read ``rows`` / ``to_dict()``.
+
+    The rows add up exactly to the global ``kept`` and ``total``.
+    """
+
+    rows: list[LayerRow]
+    kept: int
+    total: int
+    density: float
+    title: str = field(default="Mask", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, ints, floats, strings), e.g. for JSON or a logger."""
+        rows = [{**asdict(row), "shape": list(row.shape)} for row in self.rows]
+        return {"title": self.title, "rows": rows, "kept": self.kept, "total": self.total, "density": self.density}
+
+    def __rich__(self) -> Table:
+        has_scaffolding = any(row.scaffolding for row in self.rows)
+        table = Table(title=self.title, show_footer=True)
+        table.add_column("layer", footer=Text("global", style="bold"))
+        table.add_column("shape")
+        table.add_column("kept", footer=Text(f"{self.kept:,}", style="bold"), justify="right")
+        table.add_column("total", footer=Text(f"{self.total:,}", style="bold"), justify="right")
+        table.add_column("density", footer=Text(f"{self.density:.4f}", style="bold"), justify="right")
+        if has_scaffolding:
+            table.add_column("scaffolding")
+        for row in self.rows:
+            cells = [row.name, "x".join(map(str, row.shape)), f"{row.kept:,}", f"{row.total:,}", f"{row.density:.4f}"]
+            table.add_row(*cells, *([row.scaffolding] if has_scaffolding else []))
+        return table
+
+    def __str__(self) -> str:
+        longest = max((len(row.name) + len(row.scaffolding) for row in self.rows), default=0)
+        console = Console(width=max(100, longest + 70), record=True, file=io.StringIO(), color_system=None)
+        console.print(self)
+        return console.export_text()
+
+
+def report(model_or_mask: nn.Module | Mapping[str, torch.Tensor]) -> Report:
+    """Layer-by-layer density of a mask, a plain (e.g. finalized) model, or a prepared model.
+
+    - a mask ``{name: 0/1 or bool tensor}``: what it keeps;
+    - a plain model: its prunable weights (see ``masks.prunable_weights``), kept = not exactly zero;
+    - a prepared model: the masks of its parametrizations, with each layer's scaffolding.
+
+    Example:
+        >>> print(tost_surgery.report(model))
+        >>> rich.print(tost_surgery.report(mask))
+    """
+    if isinstance(model_or_mask, nn.Module):
+        scaffold = getattr(model_or_mask, "tost", None)
+        if isinstance(scaffold, Scaffold):
+            return _prepared_report(model_or_mask, scaffold)
+        weights = prunable_weights(model_or_mask)
+        rows = [_row(name, weight.detach() != 0) for name, weight in weights.items()]
+        return _build(rows, f"{type(model_or_mask).__name__}: nonzero weights")
+    if not isinstance(model_or_mask, Mapping):
+        raise MaskError(
+            f"report takes a mask (dict of parameter name to tensor) or an nn.Module, "
+            f"found {type(model_or_mask).__name__}."
+        )
+    if not model_or_mask:
+        raise MaskError("report got an empty mask: it names no parameter.")
+    rows = [_row(name, _as_bool(name, value)) for name, value in model_or_mask.items()]
+    return _build(rows, "Mask")
+
+
+def _prepared_report(model: nn.Module, scaffold: Scaffold) -> Report:
+    surgery = scaffold.surgery
+    rows = [
+        _row(entry.name, _attached_mask(entry), _scaffolding_of(entry, surgery)) for entry in surgery.entries
+    ]
+    techniques = ", ".join(sorted(surgery.active)) or "masks only"
+    return _build(rows, f"{type(model).__name__} prepared ({techniques})")
+
+
+def _attached_mask(entry: MaskEntry) -> torch.Tensor:
+    """The mask now in the parametrization (a loaded checkpoint may have replaced the original)."""
+    if parametrize.is_parametrized(entry.module, entry.attr):
+        for parametrization in entry.module.parametrizations[entry.attr]:
+            if isinstance(parametrization, MaskParametrization):
+                return parametrization.mask != 0
+    return entry.mask
+
+
+def _scaffolding_of(entry: MaskEntry, surgery: Any) -> str:
+    parts = []
+    retired = "" if "skips" in surgery.active else " (retired)"
+    conv_to_skip = surgery.context.conv_to_skip
+    if entry.attr == "weight" and entry.module_name in conv_to_skip:
+        target = conv_to_skip[entry.module_name]
+        parts.append(("identity skip" if target is None else f"ghost skip {target.rsplit('.', 1)[-1]}") + retired)
+    elif entry.attr == "weight" and _has_linear_skip(entry, surgery):
+        parts.append("identity skip" + retired)
+    factor = surgery.rescaled.get(entry.name)
+    if factor is not None:
+        parts.append(f"rescaled x{factor:.2f}")
+    return ", ".join(parts)
+
+
+def _has_linear_skip(entry: MaskEntry, surgery: Any) -> bool:
+    module = entry.module
+    recipe = surgery.context.recipe
+    if not (recipe.ghost_skips and recipe.skip_linear and isinstance(module, nn.Linear)):
+        return False
+    if module.in_features != module.out_features:
+        return False
+    # The pass puts a skip at every traced call of a square Linear; the unmodified graph lists them
+    # even after the skips retired. A model run without a graph (eager) has no linear skips.
+    graphs = getattr(surgery, "pristine", None) or getattr(surgery, "graphs", None)
+    graph = graphs.get(True) if isinstance(graphs, Mapping) else None
+    if graph is None:
+        return False
+    return any(node.op == "call_module" and node.target == entry.module_name for node in graph.nodes)
+
+
+def _as_bool(name: object, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise MaskError(f"Mask for {name!r} must be a torch.Tensor, found {type(value).__name__}.")
+    if value.dtype == torch.bool:
+        return value
+    if value.is_complex() or not bool(((value == 0) | (value == 1)).all()):
+        raise MaskError(
+            f"Mask for {name!r} is not binary (0/1 or True/False).\n"
+            "Hint: threshold scores first, e.g. scores > t."
+        )
+    return value != 0
+
+
+def _row(name: str, mask: torch.Tensor, scaffolding: str = "") -> LayerRow:
+    kept, total = int(mask.sum()), mask.numel()
+    return LayerRow(name, tuple(mask.shape), kept, total, kept / total if total else 0.0, scaffolding)
+
+
+def _build(rows: list[LayerRow], title: str) -> Report:
+    kept = sum(row.kept for row in rows)
+    total = sum(row.total for row in rows)
+    return Report(rows=rows, kept=kept, total=total, density=kept / total if total else 0.0, title=title)
