@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from ._eager import EagerNeurons
 from ._errors import RecipeError, StateError, TostSurgeryError
 from ._fx._codegen import compile_forward
 from ._fx._context import PassContext
 from ._fx._patterns import feeds_normalization
 from ._fx._tracing import trace_per_mode
-from ._eager import EagerNeurons
 from ._fx.passes import insert_ghost_neurons, insert_ghost_skips
 from ._fx.passes.split_norm_act import split_norm_act
 from ._init import rescale_factors
