@@ -88,18 +88,13 @@ def lottery(
         )
     weights = prunable_weights(model, include, exclude)
     rewind_state = _copy_state(model.state_dict() if rewind_state is None else rewind_state)
+    _check_fits(model, rewind_state)
     total = sum(w.numel() for w in weights.values())
     final_count = max(len(weights), round(density * total))
     mask = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
     for round_index in range(1, rounds + 1):
         candidate = copy.deepcopy(model)
-        try:
-            candidate.load_state_dict(rewind_state)
-        except RuntimeError as error:
-            raise MaskError(
-                f"rewind_state does not fit {type(model).__name__}: {error}\n"
-                "Hint: pass a state_dict of this model (a plain one, not taken while prepared)."
-            ) from None
+        candidate.load_state_dict(rewind_state)
         prepare(candidate, mask, Recipe.baseline())
         train_fn(candidate)
         if isinstance(getattr(candidate, "tost", None), Scaffold):
@@ -145,3 +140,27 @@ def _copy_state(state: object) -> dict[str, torch.Tensor]:
         key: value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
         for key, value in state.items()
     }
+
+
+def _check_fits(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    reshaped = [
+        f"{key}: expected {tuple(value.shape)}, found {tuple(state[key].shape)}"
+        for key, value in expected.items()
+        if key in state
+        and isinstance(value, torch.Tensor)
+        and isinstance(state[key], torch.Tensor)
+        and state[key].shape != value.shape
+    ]
+    if missing or unexpected or reshaped:
+        details = "".join(
+            f"\n  {label}: {items}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped))
+            if items
+        )
+        raise MaskError(
+            f"rewind_state does not fit {type(model).__name__}.{details}\n"
+            "Hint: pass a state_dict of this model (a plain one, not taken while prepared)."
+        )

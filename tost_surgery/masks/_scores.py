@@ -37,7 +37,8 @@ def magnitude(
     """Keep the weights of largest ``|w|`` (magnitude pruning, e.g. Han et al., NeurIPS 2015).
 
     ``scope="global"`` ranks all layers together; ``scope="layer"`` keeps the same fraction of
-    every layer (within one weight, the per-layer counts of :func:`random`).
+    every layer (rounded like :func:`random`: within one weight of ``(1 - sparsity) * numel``
+    where the one-weight floor does not bind).
 
     Example:
         >>> mask = tost_surgery.masks.magnitude(model, sparsity=0.9, scope="layer")
@@ -91,8 +92,8 @@ def grasp(
     With ``g`` the gradient of ``loss_fn(model(x) / temperature, y)`` summed over ``batches``
     and ``H`` the Hessian (both over the pruned weights), the score ``S = -w * (H g)`` is, to
     first order, half the change of the gradient norm ``|g|^2`` when the weight is removed.
-    GraSP removes the weights of HIGHEST score and keeps those of LOWEST score, whose removal
-    would shrink gradient flow the most; this is the authors' code (alecwangcq/GraSP,
+    GraSP removes the weights of HIGHEST score and keeps those of LOWEST score (whose removal
+    would reduce gradient flow the most); this is the authors' code (alecwangcq/GraSP,
     ``keep_masks = scores <= threshold`` of the top ``sparsity`` fraction). Unlike that code,
     Linear layers are not re-initialized. The copy runs in the model's current mode; ``x``
     and ``y`` are moved to the device of the first pruned weight.
@@ -126,11 +127,12 @@ def synflow(
     synaptic flow", NeurIPS 2020). Data-free.
 
     On a copy whose floating-point parameters and buffers are all replaced by their absolute
-    values, in float64 and in eval mode (BatchNorm uses its running statistics, as in the
-    authors' code), ``R = sum(model(ones(1, *input_shape)))`` and the score is ``|w * dR/dw|``.
+    values, in eval mode (BatchNorm uses its running statistics, as in the authors' code) and
+    in float64 (``R`` grows like the product of the layers' norms and overflows float32 in deep
+    nets), ``R = sum(model(ones(1, *input_shape)))`` and the score is ``|w * dR/dw|``.
     Pruning is iterative: after iteration ``k`` of ``iterations`` the mask keeps
-    ``density ** (k / iterations)`` of the weights, re-scored with the pruned weights at zero;
-    the last iteration keeps the exact target.
+    ``density ** (k / iterations)`` of the weights, re-scored with the pruned weights at zero
+    (a pruned weight never comes back); the last iteration keeps the exact target.
 
     Args:
         input_shape: the shape of one input, without the batch dimension, e.g. ``(3, 32, 32)``.
@@ -147,14 +149,15 @@ def synflow(
     numels = _numels(weights)
     target = target_count(numels, density)
     masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
+    current = sum(numels.values())
     with _scratch_copy(model) as net:
         _linearize(net)
         for k in range(1, iterations + 1):
             keep = target if k == iterations else max(target, target_count(numels, density ** (k / iterations)))
-            if keep == sum(int(m.sum()) for m in masks.values()):
+            if keep == current:
                 continue
             scores = _synflow_pass(net, list(weights), shape, masks)
-            masks = keep_top(scores, keep)
+            masks, current = keep_top(scores, keep), keep
     return _on_devices(masks, weights)
 
 
@@ -186,9 +189,7 @@ def _grasp_scores(
             _accumulate(gradient, torch.autograd.grad(loss_fn(net(x) / temperature, y), weights, allow_unused=True))
         hessian_gradient = [torch.zeros_like(w) for w in weights]
         for x, y in data:
-            grads = torch.autograd.grad(
-                loss_fn(net(x) / temperature, y), weights, create_graph=True, allow_unused=True
-            )
+            grads = torch.autograd.grad(loss_fn(net(x) / temperature, y), weights, create_graph=True, allow_unused=True)
             terms = [(g * fixed).sum() for g, fixed in zip(grads, gradient) if g is not None and g.requires_grad]
             if terms:
                 _accumulate(hessian_gradient, torch.autograd.grad(torch.stack(terms).sum(), weights, allow_unused=True))

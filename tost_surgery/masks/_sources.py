@@ -14,8 +14,6 @@ from .._errors import MaskError
 from .._masking import normalize_mask
 from ._scope import prunable_weights
 
-Rules = Sequence["str | type[nn.Module]"]
-
 # ``conv.parametrizations.weight.0.mask``: a checkpoint of a model prepared by tost_surgery (or torch.ao.pruning).
 _PARAMETRIZED_MASK = re.compile(r"^(?P<owner>.*?)(?:^|\.)parametrizations\.(?P<attr>[^.]+)\.\d+\.mask$")
 
@@ -23,8 +21,8 @@ _PARAMETRIZED_MASK = re.compile(r"^(?P<owner>.*?)(?:^|\.)parametrizations\.(?P<a
 def from_state_dict(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     *,
-    include: Rules | None = None,
-    exclude: Rules = (),
+    include: Sequence[str | type[nn.Module]] | None = None,
+    exclude: Sequence[str | type[nn.Module]] = (),
 ) -> dict[str, torch.Tensor]:
     """The mask of a pruned checkpoint: its weights that are exactly zero are the pruned ones.
 
@@ -73,17 +71,21 @@ def from_state_dict(
         chosen = default if include is None else any(fnmatch.fnmatchcase(name, p) for p in include)
         return chosen and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
-    masks: dict[str, torch.Tensor] = {}
-    explicit: set[str] = set()  # keys that are masks themselves, not weights
+    mask_key_to_name: dict[str, str] = {}
+    covered: set[str] = set()  # the masked values (weight_orig / original), and the names they stand for
     for key, value in state_dict.items():
         found = _masked_name(key, state_dict)
         if found is not None and isinstance(value, torch.Tensor):
-            name, original = found
-            explicit.update({key, original, name})
+            mask_key_to_name[key] = found[0]
+            covered.update(found)
+    masks: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():  # in checkpoint order
+        if key in mask_key_to_name:
+            name = mask_key_to_name[key]
             if is_chosen(name, default=True):
                 masks[name] = value.detach() != 0
-    for key, value in state_dict.items():
-        if key in explicit or not isinstance(key, str) or not _is_float_tensor(value):
+            continue
+        if key in covered or not isinstance(key, str) or not _is_float_tensor(value):
             continue
         if is_chosen(key, default=key.endswith("weight") and value.dim() >= 2):
             mask = value.detach() != 0
@@ -135,9 +137,7 @@ def from_torch_prune(model: nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
-def from_callable(
-    model: nn.Module, fn: Callable[[str, torch.Tensor], torch.Tensor | None]
-) -> dict[str, torch.Tensor]:
+def from_callable(model: nn.Module, fn: Callable[[str, torch.Tensor], torch.Tensor | None]) -> dict[str, torch.Tensor]:
     """A mask from ``fn(name, param)`` over ``model.named_parameters()``.
 
     ``fn`` returns a 0/1 or bool tensor shaped like ``param``, or ``None`` to leave the parameter
@@ -152,9 +152,7 @@ def from_callable(
     if not isinstance(model, nn.Module):
         raise MaskError(f"from_callable takes an nn.Module, found {type(model).__name__}.")
     if not callable(fn):
-        raise MaskError(
-            f"from_callable takes a function fn(name, param) -> Tensor | None, found {type(fn).__name__}."
-        )
+        raise MaskError(f"from_callable takes a function fn(name, param) -> Tensor | None, found {type(fn).__name__}.")
     masks: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -206,10 +204,15 @@ def _is_float_tensor(value: object) -> bool:
 def _check_not_empty(masks: dict[str, torch.Tensor], verb: str) -> dict[str, torch.Tensor]:
     for name, mask in masks.items():
         if not bool(mask.any()):
+            module, _, attr = name.rpartition(".")
+            hint = (
+                f"prune.remove(model.get_submodule({module!r}), {attr!r}) first to train it dense, or prune less"
+                if verb == "from_torch_prune"
+                else f"leave it out with exclude=[{name!r}], or drop the layer from the model"
+            )
             raise MaskError(
                 f"{verb}: {name!r} is pruned whole (0 of {mask.numel()} weights kept); "
-                "a mask keeps at least one weight per layer.\n"
-                f"Hint: leave it out with exclude=[{name!r}], or drop the layer from the model."
+                f"a mask keeps at least one weight per layer.\nHint: {hint}."
             )
     return masks
 
