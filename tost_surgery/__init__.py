@@ -11,7 +11,9 @@ Example:
 
 from . import masks
 from ._errors import MaskError, RecipeError, StateError, TostSurgeryError, TostSurgeryWarning, TraceError
+from ._plan import Plan, plan
 from ._recipe import Recipe
+from ._report import Report, report
 from ._surgery import finalize, prepare
 from ._training import BindHandle, bind, graph, label_smoothing, step
 
@@ -20,8 +22,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BindHandle",
     "MaskError",
+    "Plan",
     "Recipe",
     "RecipeError",
+    "Report",
     "StateError",
     "TostSurgeryError",
     "TostSurgeryWarning",
@@ -31,6 +35,8 @@ __all__ = [
     "graph",
     "label_smoothing",
     "masks",
+    "plan",
     "prepare",
+    "report",
     "step",
 ]

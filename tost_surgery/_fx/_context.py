@@ -12,6 +12,8 @@ from .._recipe import Recipe
 SCHEDULE = "tost.schedule"
 TAG = "tost"
 """``node.meta[TAG]`` names the technique that inserted the node."""
+SITE = "tost_site"
+"""``node.meta[SITE]`` on a ghost's output node: the layer or node it stands beside, for plans."""
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .._context import TAG, PassContext, schedule_coefficient
+from .._context import SITE, TAG, PassContext, schedule_coefficient
 from .._patterns import activation_site, aliases, is_inplace
 
 SOFT_ACTIVATIONS = {"silu": F.silu, "mish": F.mish, "softplus": F.softplus, "gelu": F.gelu}
@@ -46,6 +46,7 @@ def insert_ghost_neurons(graph: fx.Graph, context: PassContext) -> None:
             smooth = _tagged(graph.call_function(soft, (x,)))
             hard = graph.call_function(HARD_ACTIVATIONS[site], (x,))
             ghost = _tagged(graph.call_function(torch.lerp, (smooth, hard, blend)))
+        ghost.meta[SITE] = f"{node.target if node.op == 'call_module' else node.name} ({site})"
         if is_inplace(node, context.modules):
             later = order[node]
             for alias in aliases(x, context.modules):

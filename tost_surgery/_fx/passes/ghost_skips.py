@@ -6,7 +6,7 @@ import torch
 from torch import fx, nn
 
 from ..._modules import GhostSkip
-from .._context import TAG, PassContext, schedule_coefficient
+from .._context import SITE, TAG, PassContext, schedule_coefficient
 from .._patterns import conv_padding_kind, module_of, norm_after
 
 
@@ -45,6 +45,8 @@ def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
         with graph.inserting_before(target.next):
             ghost = x if branch is None else _tagged(graph.call_module(branch, (x,)))
             out = _tagged(graph.call_function(torch.addcmul, (target, scale, ghost)))
+        landing = target.target if target.op == "call_module" else target.name
+        out.meta[SITE] = f"{node.target} -> {landing} via {branch or 'identity'}"
         for user in users:
             user.replace_input_with(target, out)
 

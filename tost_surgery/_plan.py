@@ -1,0 +1,175 @@
+"""`plan`: what prepare would do to a model, without training it or changing it."""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
+
+from ._fx._context import SITE, TAG
+from ._recipe import Recipe
+from ._report import Report, report
+from ._surgery import prepare
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The sites each technique uses, the scaffolding's overhead, and the per-layer densities.
+
+    ``macs`` counts multiply-adds of one forward at ``input_size`` (batch 1) in conv and
+    linear layers: ``dense`` (no mask), ``masked`` (each layer times its density, as a
+    sparse kernel would), ``scaffolding`` (the ghost skip branches). Element-wise work of
+    ghost neurons (a soft activation and a blend per ReLU) is not counted.
+    """
+
+    model: str
+    recipe: Recipe
+    ghost_neurons: list[str]
+    ghost_skips: list[str]
+    model_params: int
+    scaffold_params: int
+    layers: Report
+    input_size: tuple[int, ...] | None = None
+    macs: dict[str, int] | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, for ``--json``."""
+        return {
+            "model": self.model,
+            "recipe": self.recipe.to_dict(),
+            "ghost_neurons": list(self.ghost_neurons),
+            "ghost_skips": list(self.ghost_skips),
+            "model_params": self.model_params,
+            "scaffold_params": self.scaffold_params,
+            "input_size": list(self.input_size) if self.input_size else None,
+            "macs": self.macs,
+            "notes": list(self.notes),
+            "layers": self.layers.to_dict(),
+        }
+
+    def __rich__(self) -> Group:
+        summary = Table(title=Text(f"ToST plan for {self.model}", style="bold"), show_header=False)
+        summary.add_column("what")
+        summary.add_column("value", justify="right")
+        summary.add_row("ghost neurons (ReLU sites)", f"{len(self.ghost_neurons):,}")
+        summary.add_row("ghost skips (conv sites)", f"{len(self.ghost_skips):,}")
+        summary.add_row("model parameters", f"{self.model_params:,}")
+        summary.add_row("kept weights in masked layers", f"{self.layers.kept:,} of {self.layers.total:,}")
+        share = self.scaffold_params / max(1, self.model_params)
+        summary.add_row("scaffolding parameters", f"{self.scaffold_params:,} ({share:.1%} of the model)")
+        if self.macs:
+            dense, masked, extra = self.macs["dense"], self.macs["masked"], self.macs["scaffolding"]
+            summary.add_row(f"multiply-adds at {'x'.join(map(str, self.input_size or ()))}, dense", f"{dense:,}")
+            summary.add_row("  masked (density-weighted)", f"{masked:,}")
+            summary.add_row("  scaffolding during warm-up", f"{extra:,} (+{extra / max(1, masked):.1%} of masked)")
+        sites = Table(title="sites", show_lines=False)
+        sites.add_column("technique")
+        sites.add_column("where")
+        for where in self.ghost_neurons:
+            sites.add_row("ghost neuron", Text(where))
+        for where in self.ghost_skips:
+            sites.add_row("ghost skip", Text(where))
+        parts: list[Any] = [summary]
+        if self.notes:
+            parts.append(Text("\n".join(f"note: {note}" for note in self.notes), style="yellow"))
+        parts += [sites, self.layers]
+        return Group(*parts)
+
+    def __str__(self) -> str:
+        console = Console(width=120, record=True, file=io.StringIO())
+        console.print(self)
+        return console.export_text()
+
+
+def plan(
+    model: nn.Module,
+    mask: Mapping[str, torch.Tensor],
+    recipe: Recipe | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+) -> Plan:
+    """What ``prepare(model, mask, recipe)`` would do, worked out on a copy; ``model`` is untouched.
+
+    Args:
+        input_size: ``(C, H, W)`` (no batch) to count multiply-adds with one forward; None skips it.
+
+    Example:
+        >>> print(tost_surgery.plan(model, masks.erk(model, 0.95), Recipe.tost(1000), input_size=(3, 224, 224)))
+    """
+    recipe = Recipe.tost(total_steps=1000) if recipe is None else recipe
+    rng = torch.get_rng_state()
+    try:
+        trial = prepare(copy.deepcopy(model), mask, recipe, leaf_modules=leaf_modules)
+        surgery = trial.tost.surgery
+        neurons, skips = [], []
+        if surgery.pristine is not None:
+            for node in surgery.graphs[True].nodes:
+                if SITE in node.meta:
+                    (neurons if node.meta[TAG] == "neurons" else skips).append(node.meta[SITE])
+        elif surgery.eager_neurons is not None:
+            names = {id(m): n for n, m in trial.named_modules()}
+            neurons = [f"{names.get(id(original), '?')} (eager)" for _, _, original, _ in surgery.eager_neurons.sites]
+        scaffold_params = sum(p.numel() for p in trial.tost.parameters())
+        model_params = sum(p.numel() for n, p in trial.named_parameters() if not n.startswith("tost."))
+        macs = _count_macs(trial, tuple(input_size)) if input_size else None
+        layers = report(trial)
+    finally:
+        torch.set_rng_state(rng)
+    return Plan(
+        model=type(model).__name__,
+        recipe=recipe,
+        ghost_neurons=neurons,
+        ghost_skips=skips,
+        model_params=model_params,
+        scaffold_params=scaffold_params,
+        layers=layers,
+        input_size=tuple(input_size) if input_size else None,
+        macs=macs,
+        notes=tuple(surgery.notes),
+    )
+
+
+def _count_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
+    """Multiply-adds of conv and linear layers in one eval forward, by hooks."""
+    totals = {"dense": 0, "masked": 0, "scaffolding": 0}
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, _ConvNd):
+            per_output = module.weight.shape[1] * int(torch.tensor(module.weight.shape[2:]).prod())
+        else:
+            per_output = module.in_features
+        macs = output.numel() * per_output
+        if names.get(id(module), "").startswith("tost."):
+            totals["scaffolding"] += macs
+            return
+        density = 1.0
+        if parametrize.is_parametrized(module, "weight"):
+            density = float(module.parametrizations.weight[0].mask.float().mean())
+        totals["dense"] += macs
+        totals["masked"] += round(macs * density)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (_ConvNd, nn.Linear))]
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            model(torch.zeros(1, *input_size, device=device))
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return totals

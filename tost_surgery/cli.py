@@ -1,0 +1,147 @@
+"""The ``tost-surgery`` command: see what prepare will do, and what a checkpoint keeps."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from . import masks
+from ._errors import TostSurgeryError
+from ._plan import plan
+from ._recipe import Recipe
+from ._report import report
+
+MASK_METHODS = ("erk", "random", "magnitude", "synflow", "nm")
+
+
+def build_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """``tv:NAME``, ``timm:NAME`` or ``module:callable`` -> (model, default input size or None)."""
+    source, _, name = spec.partition(":")
+    if not name:
+        raise TostSurgeryError(
+            f"Model {spec!r} is not SOURCE:NAME.\nHint: tv:resnet18, timm:resnet50, mypkg.nets:build"
+        )
+    if source == "tv":
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None), (3, 224, 224)
+    if source == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+        return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    try:
+        factory = getattr(importlib.import_module(source), name)
+    except (ImportError, AttributeError) as error:
+        raise TostSurgeryError(f"Cannot import {name!r} from {source!r}: {error}") from error
+    return factory(), None
+
+
+def _mask(model: nn.Module, method: str, sparsity: float, seed: int, input_size) -> dict[str, torch.Tensor]:
+    if method == "erk":
+        return masks.erk(model, sparsity, seed=seed)
+    if method == "random":
+        return masks.random(model, sparsity, seed=seed)
+    if method == "magnitude":
+        return masks.magnitude(model, sparsity)
+    if method == "synflow":
+        if input_size is None:
+            raise TostSurgeryError("--mask synflow needs --input-size C H W for this model.")
+        return masks.synflow(model, sparsity, input_shape=tuple(input_size))
+    if method == "nm":
+        return masks.nm(model)
+    loaded = torch.load(method, map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    if all(k in params and v.dtype == torch.bool for k, v in loaded.items()):
+        return loaded
+    return masks.from_state_dict(loaded)
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, object]:
+    settings = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise TostSurgeryError(f"--set takes FIELD=VALUE, found {pair!r}.")
+        try:
+            settings[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            settings[key] = raw
+    return settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tost-surgery", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("plan", help="sites, overhead and per-layer densities, without training")
+    p.add_argument("model", help="tv:NAME, timm:NAME or module:callable")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument(
+        "--mask", default="erk", help=f"{', '.join(MASK_METHODS)}, or a FILE (mask dict or pruned state_dict)"
+    )
+    p.add_argument("--recipe", choices=("tost", "baseline"), default="tost")
+    p.add_argument("--total-steps", type=int, default=10_000)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a Recipe field")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    r = commands.add_parser("report", help="per-layer densities of a saved state_dict (finalized or prepared)")
+    r.add_argument("checkpoint")
+    r.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tost-surgery`` and ``python -m tost_surgery``."""
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "plan":
+            result = _plan(args)
+        else:
+            result = _report(args.checkpoint)
+    except TostSurgeryError as error:
+        Console(stderr=True).print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        console.print(result)
+    return 0
+
+
+def _plan(args: argparse.Namespace):
+    model, default_size = build_model(args.model)
+    input_size = tuple(args.input_size) if args.input_size else default_size
+    mask = _mask(model, args.mask, args.sparsity, args.seed, input_size)
+    settings = _overrides(args.set)
+    if args.recipe == "tost":
+        recipe = Recipe.tost(total_steps=args.total_steps, **settings)
+    else:
+        recipe = Recipe.baseline(**settings)
+    result = plan(model, mask, recipe, input_size=input_size)
+    return result
+
+
+def _report(path: str):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise TostSurgeryError(f"No checkpoint at {path!r}.") from error
+    if not isinstance(state, dict):
+        raise TostSurgeryError(f"{path!r} holds a {type(state).__name__}, not a state_dict.")
+    suffix = ".parametrizations.weight.0.mask"
+    prepared = {k[: -len(suffix)] + ".weight": v.bool() for k, v in state.items() if k.endswith(suffix)}
+    return report(prepared if prepared else masks.from_state_dict(state))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
