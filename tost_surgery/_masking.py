@@ -60,12 +60,9 @@ class MaskEntry:
 def resolve_mask(model: nn.Module, mask: object) -> object:
     """A callable ``(name, param) -> Tensor | None`` becomes a dict; anything else is returned as is."""
     if callable(mask) and not isinstance(mask, (Mapping, torch.Tensor, nn.Module)):
-        resolved = {}
-        for name, param in model.named_parameters():
-            value = mask(name, param)
-            if value is not None:
-                resolved[name] = value
-        return resolved
+        from .masks import from_callable
+
+        return from_callable(model, mask)
     return mask
 
 

@@ -45,15 +45,26 @@ class Report:
     total: int
     density: float
     title: str = field(default="Mask", compare=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    """For a prepared model: what ``prepare`` did not apply as asked (blocks called whole, eager fallback)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, ints, floats, strings), e.g. for JSON or a logger."""
         rows = [{**asdict(row), "shape": list(row.shape)} for row in self.rows]
-        return {"title": self.title, "rows": rows, "kept": self.kept, "total": self.total, "density": self.density}
+        return {
+            "title": self.title,
+            "rows": rows,
+            "kept": self.kept,
+            "total": self.total,
+            "density": self.density,
+            "notes": list(self.notes),
+        }
 
     def __rich__(self) -> Table:
         has_scaffolding = any(row.scaffolding for row in self.rows)
-        table = Table(title=self.title, show_footer=True)
+        # Names and notes are shown as given: Text() keeps rich from reading "[...]" in them as markup.
+        caption = Text("\n".join(f"note: {note}" for note in self.notes)) if self.notes else None
+        table = Table(title=Text(self.title, style="bold"), caption=caption, show_footer=True)
         table.add_column("layer", footer=Text("global", style="bold"))
         table.add_column("shape")
         table.add_column("kept", footer=Text(f"{self.kept:,}", style="bold"), justify="right")
@@ -62,8 +73,9 @@ class Report:
         if has_scaffolding:
             table.add_column("scaffolding")
         for row in self.rows:
-            cells = [row.name, "x".join(map(str, row.shape)), f"{row.kept:,}", f"{row.total:,}", f"{row.density:.4f}"]
-            table.add_row(*cells, *([row.scaffolding] if has_scaffolding else []))
+            cells = [Text(row.name), "x".join(map(str, row.shape)), f"{row.kept:,}", f"{row.total:,}"]
+            cells.append(f"{row.density:.4f}")
+            table.add_row(*cells, *([Text(row.scaffolding)] if has_scaffolding else []))
         return table
 
     def __str__(self) -> str:
@@ -104,11 +116,10 @@ def report(model_or_mask: nn.Module | Mapping[str, torch.Tensor]) -> Report:
 
 def _prepared_report(model: nn.Module, scaffold: Scaffold) -> Report:
     surgery = scaffold.surgery
-    rows = [
-        _row(entry.name, _attached_mask(entry), _scaffolding_of(entry, surgery)) for entry in surgery.entries
-    ]
+    rows = [_row(entry.name, _attached_mask(entry), _scaffolding_of(entry, surgery)) for entry in surgery.entries]
     techniques = ", ".join(sorted(surgery.active)) or "masks only"
-    return _build(rows, f"{type(model).__name__} prepared ({techniques})")
+    notes = tuple(getattr(surgery, "notes", ()))
+    return _build(rows, f"{type(model).__name__} prepared ({techniques})", notes)
 
 
 def _attached_mask(entry: MaskEntry) -> torch.Tensor:
@@ -158,8 +169,7 @@ def _as_bool(name: object, value: object) -> torch.Tensor:
         return value
     if value.is_complex() or not bool(((value == 0) | (value == 1)).all()):
         raise MaskError(
-            f"Mask for {name!r} is not binary (0/1 or True/False).\n"
-            "Hint: threshold scores first, e.g. scores > t."
+            f"Mask for {name!r} is not binary (0/1 or True/False).\nHint: threshold scores first, e.g. scores > t."
         )
     return value != 0
 
@@ -169,7 +179,8 @@ def _row(name: str, mask: torch.Tensor, scaffolding: str = "") -> LayerRow:
     return LayerRow(name, tuple(mask.shape), kept, total, kept / total if total else 0.0, scaffolding)
 
 
-def _build(rows: list[LayerRow], title: str) -> Report:
+def _build(rows: list[LayerRow], title: str, notes: tuple[str, ...] = ()) -> Report:
     kept = sum(row.kept for row in rows)
     total = sum(row.total for row in rows)
-    return Report(rows=rows, kept=kept, total=total, density=kept / total if total else 0.0, title=title)
+    density = kept / total if total else 0.0
+    return Report(rows=rows, kept=kept, total=total, density=density, title=title, notes=notes)

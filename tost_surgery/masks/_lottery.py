@@ -15,6 +15,7 @@ from .._modules import Scaffold
 from .._recipe import Recipe
 from .._surgery import finalize, prepare
 from ._scope import check_sparsity, prunable_weights
+from ._select import keep_top
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,7 +59,8 @@ def lottery(
 
     Args:
         train_fn: ``train_fn(model) -> None`` trains the model it is given, in place (it may
-            move it to another device); called once per round.
+            move it to another device); called once per round. The model is prepared: build the
+            optimizer on ``model.parameters()`` inside ``train_fn``.
         rounds: pruning rounds; 1 is one-shot magnitude pruning after one training.
         rewind_state: the ``state_dict`` each round starts from; defaults to a copy of
             ``model.state_dict()`` now (its initialization). Pass the weights after a few
@@ -110,27 +112,17 @@ def lottery(
 def _keep_largest(
     trained: dict[str, torch.Tensor], mask: dict[str, torch.Tensor], count: int
 ) -> dict[str, torch.Tensor]:
-    """Keep the ``count`` largest ``|w|`` among the kept weights, globally, and the largest of each layer."""
-    scores = []
+    """Keep the ``count`` largest ``|w|`` among the kept weights, globally, at least one per layer."""
+    scores = {}
     for name, weight in trained.items():
         if not bool(torch.isfinite(weight).all()):
             raise MaskError(
                 f"train_fn left non-finite values in {name!r}, so weights cannot be ranked by magnitude.\n"
                 "Hint: lower the learning rate of train_fn."
             )
-        score = weight.abs().float().cpu().flatten()
-        keep = mask[name].cpu().flatten()
-        score = torch.where(keep, score, torch.full_like(score, -math.inf))
-        score[score.argmax()] = math.inf  # every layer keeps its largest weight
-        scores.append(score)
-    order = torch.sort(torch.cat(scores), descending=True, stable=True).indices
-    chosen = torch.zeros(order.numel(), dtype=torch.bool)
-    chosen[order[:count]] = True
-    result, start = {}, 0
-    for name, weight in trained.items():
-        result[name] = chosen[start : start + weight.numel()].view(weight.shape).clone()
-        start += weight.numel()
-    return result
+        score = weight.abs().float().cpu()
+        scores[name] = torch.where(mask[name].cpu(), score, torch.full_like(score, -math.inf))
+    return keep_top(scores, count)
 
 
 def _copy_state(state: object) -> dict[str, torch.Tensor]:
