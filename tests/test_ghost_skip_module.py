@@ -104,7 +104,7 @@ def test_conv_branch_matches_conv_shape(geometry) -> None:
     kwargs, h, w = geometry
     conv = make(kwargs)
     x = torch.randn(2, conv.in_channels, h, w)
-    skip = GhostSkip(conv, identity=False, init=0.25).eval()
+    skip = GhostSkip(conv, branch="conv_bn", init=0.25).eval()
     out = skip(x)
     assert out.shape == run_conv(conv, x).shape
     # values: the fresh 1x1 conv (groups kept) + eval BN applied to the receptive-field centres
@@ -120,7 +120,7 @@ def test_identity_branch_matches_conv_shape_and_samples_centre(geometry) -> None
     kwargs, h, w = geometry
     conv = make(kwargs)
     x = torch.randn(2, conv.in_channels, h, w)
-    skip = GhostSkip(conv, identity=True, init=0.0)
+    skip = GhostSkip(conv, branch="identity", init=0.0)
     out = skip(x)
     assert out.shape == run_conv(conv, x).shape
     assert torch.equal(out, reference_sample(conv, x))
@@ -132,7 +132,7 @@ def test_identity_branch_matches_conv_shape_and_samples_centre(geometry) -> None
 def test_fast_path_equals_generic_sampling(geometry) -> None:
     kwargs, h, w = geometry
     conv = make(kwargs)
-    skip = GhostSkip(conv, identity=True, init=0.0)
+    skip = GhostSkip(conv, branch="conv_bn", init=0.0)  # the sampler does not depend on the branch
     x = torch.randn(1, conv.in_channels, h, w)
     sampled = skip._sample(x)
     assert torch.equal(sampled, reference_sample(conv, x))
@@ -140,9 +140,9 @@ def test_fast_path_equals_generic_sampling(geometry) -> None:
         s = pair(conv.stride)
         assert torch.equal(sampled, x[..., :: s[0], :: s[1]])
         if conv.in_channels == conv.out_channels:
-            assert torch.equal(skip(x), sampled)
+            assert torch.equal(GhostSkip(conv, branch="identity")(x), sampled)
         # conv branch: the strided 1x1 conv on the fast path equals the 1x1 conv on the sampled input
-        branch = GhostSkip(conv, identity=False, init=0.5).eval()
+        branch = GhostSkip(conv, branch="conv_bn", init=0.5).eval()
         expected = branch.bn(F.conv2d(sampled, branch.conv.weight, groups=conv.groups))
         torch.testing.assert_close(branch(x), expected)
 
@@ -161,7 +161,7 @@ def test_fast_path_equals_generic_sampling(geometry) -> None:
 )
 def test_aligned_stride1_identity_returns_x(kwargs) -> None:
     conv = nn.Conv2d(4, 4, **kwargs)
-    skip = GhostSkip(conv, identity=True, init=0.0)
+    skip = GhostSkip(conv, branch="identity", init=0.0)
     assert skip.is_aligned
     x = torch.randn(2, 4, 7, 9)
     out = skip(x)
@@ -174,7 +174,7 @@ def test_aligned_stride1_identity_returns_x(kwargs) -> None:
 )
 def test_aligned_stride2_identity_subsamples(size, kernel, padding) -> None:
     conv = nn.Conv2d(3, 3, kernel, stride=2, padding=padding)
-    skip = GhostSkip(conv, identity=True, init=0.0)
+    skip = GhostSkip(conv, branch="identity", init=0.0)
     assert skip.is_aligned
     x = torch.randn(1, 3, *size)
     out = skip(x)
@@ -185,23 +185,23 @@ def test_aligned_stride2_identity_subsamples(size, kernel, padding) -> None:
 def test_generic_path_samples_receptive_field_centre() -> None:
     x = torch.arange(2 * 6 * 7, dtype=torch.float32).view(1, 2, 6, 7)
     # kernel 3, no padding: output pixel i sees inputs i..i+2, centre i+1
-    skip = GhostSkip(nn.Conv2d(2, 2, 3), identity=True, init=0.0)
+    skip = GhostSkip(nn.Conv2d(2, 2, 3), branch="identity", init=0.0)
     assert not skip.is_aligned
     assert torch.equal(skip(x), x[..., 1:-1, 1:-1])
     # kernel 5, no padding, stride 2: centre 2i+2
-    skip = GhostSkip(nn.Conv2d(2, 2, 5, stride=2), identity=True, init=0.0)
+    skip = GhostSkip(nn.Conv2d(2, 2, 5, stride=2), branch="identity", init=0.0)
     assert torch.equal(skip(x), x[..., 2:4:2, 2:5:2])
     # kernel (1, 3), no padding: only the width shifts
-    skip = GhostSkip(nn.Conv2d(2, 2, (1, 3)), identity=True, init=0.0)
+    skip = GhostSkip(nn.Conv2d(2, 2, (1, 3)), branch="identity", init=0.0)
     assert torch.equal(skip(x), x[..., :, 1:-1])
     # kernel 3, dilation 2, no padding: reach 4, centre i+2
-    skip = GhostSkip(nn.Conv2d(2, 2, 3, dilation=2), identity=True, init=0.0)
+    skip = GhostSkip(nn.Conv2d(2, 2, 3, dilation=2), branch="identity", init=0.0)
     assert torch.equal(skip(x), x[..., 2:-2, 2:-2])
     # kernel 1, padding 1: output is one pixel larger on each side, zero border
-    skip = GhostSkip(nn.Conv2d(2, 2, 1, padding=1), identity=True, init=0.0)
+    skip = GhostSkip(nn.Conv2d(2, 2, 1, padding=1), branch="identity", init=0.0)
     assert torch.equal(skip(x), F.pad(x, (1, 1, 1, 1)))
     # kernel 2 (even), no padding: reach 1, centre rounds down to i
-    skip = GhostSkip(nn.Conv2d(2, 2, 2), identity=True, init=0.0)
+    skip = GhostSkip(nn.Conv2d(2, 2, 2), branch="identity", init=0.0)
     assert torch.equal(skip(x), x[..., :-1, :-1])
 
 
@@ -214,7 +214,7 @@ def test_conv_branch_init_groups_and_fresh_bn(init, cin, cout, groups) -> None:
     conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1, groups=groups)
     with torch.no_grad():
         conv.weight.fill_(3.0)
-    skip = GhostSkip(conv, identity=False, init=init)
+    skip = GhostSkip(conv, branch="conv_bn", init=init)
     assert skip.conv.groups == groups
     assert skip.conv.in_channels == cin and skip.conv.out_channels == cout
     assert skip.conv.kernel_size == (1, 1) and skip.conv.bias is None
@@ -232,7 +232,7 @@ def test_conv_branch_init_groups_and_fresh_bn(init, cin, cout, groups) -> None:
 
 
 def test_identity_branch_has_no_modules() -> None:
-    skip = GhostSkip(nn.Conv2d(4, 4, 3, padding=1), identity=True, init=1.0)
+    skip = GhostSkip(nn.Conv2d(4, 4, 3, padding=1), branch="identity", init=1.0)
     assert skip.conv is None and skip.bn is None
     assert list(skip.parameters()) == []
     assert "identity" in repr(skip)
@@ -242,7 +242,7 @@ def test_identity_branch_has_no_modules() -> None:
 @pytest.mark.parametrize("kwargs", [dict(padding=1), dict(padding=0, stride=2)])
 def test_branch_follows_conv_dtype(dtype, kwargs) -> None:
     conv = nn.Conv2d(4, 8, 3, groups=2, dtype=dtype, **kwargs)
-    skip = GhostSkip(conv, identity=False, init=0.5)
+    skip = GhostSkip(conv, branch="conv_bn", init=0.5)
     tensors = list(skip.parameters()) + [b for b in skip.buffers() if b.is_floating_point()]
     assert tensors and all(t.dtype == dtype for t in tensors)
     if dtype == torch.float64:
@@ -253,13 +253,13 @@ def test_branch_follows_conv_dtype(dtype, kwargs) -> None:
 
 def test_branch_follows_conv_device() -> None:
     conv = nn.Conv2d(4, 8, 3, device="meta")
-    skip = GhostSkip(conv, identity=False, init=0.5)
+    skip = GhostSkip(conv, branch="conv_bn", init=0.5)
     assert all(t.device.type == "meta" for t in list(skip.parameters()) + list(skip.buffers()))
 
 
 def test_gradients_flow_through_conv_branch() -> None:
     conv = nn.Conv2d(3, 6, 3, stride=2)  # generic path
-    skip = GhostSkip(conv, identity=False, init=0.1)
+    skip = GhostSkip(conv, branch="conv_bn", init=0.1)
     x = torch.randn(2, 3, 9, 9, requires_grad=True)
     skip(x).square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -271,9 +271,24 @@ def test_gradients_flow_through_conv_branch() -> None:
 @pytest.mark.parametrize("kernel", [2, 4, (1, 2), (2, 3)])
 def test_same_padding_even_kernel(kernel, identity) -> None:
     conv = nn.Conv2d(3, 3, kernel, padding="same")
-    skip = GhostSkip(conv, identity=identity, init=0.5).eval()
+    skip = GhostSkip(conv, branch="identity" if identity else "conv_bn", init=0.5).eval()
     x = torch.randn(2, 3, 7, 8)
     out = skip(x)
     assert out.shape == run_conv(conv, x).shape
     if identity:
         assert torch.equal(out, reference_sample(conv, x))
+
+
+@pytest.mark.parametrize("branch", ["bn", "identity"])
+def test_channel_preserving_branches_need_square_convs(branch) -> None:
+    with pytest.raises(ValueError, match=f"A '{branch}' ghost skip needs in_channels == out_channels"):
+        GhostSkip(nn.Conv2d(3, 4, 3, padding=1), branch=branch)
+
+
+def test_bn_branch_normalizes_the_sampled_input() -> None:
+    conv = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+    skip = GhostSkip(conv, branch="bn").train()
+    x = torch.randn(8, 4, 9, 9) * 5 + 3
+    out = skip(x)
+    assert out.shape == conv(x).shape and skip.conv is None
+    torch.testing.assert_close(out, F.batch_norm(x[..., ::2, ::2], None, None, training=True))

@@ -105,18 +105,19 @@ def test_ghost_skips_start_at_full_strength(tiny, images) -> None:
     torch.testing.assert_close(tiny(images), expected)
 
 
-def test_auto_branch_is_identity_where_channels_match(tiny, images) -> None:
+def test_auto_branch_is_a_batchnorm_where_channels_match(tiny, images) -> None:
     mask = bernoulli_mask(tiny)
     reference = masked_reference(tiny, mask).eval()
     recipe = Recipe.tost(total_steps=10, ghost_neurons=False, rescale_init=False, skip_branch="auto")
     tost.prepare(tiny, mask, recipe).eval()
-    # conv2 is 8 -> 8, stride 1, padded: its branch is the input itself, with no module.
-    assert len(tiny.tost.skips) == 2
-    skips = {0: tiny.tost.skips.tost_skip_0, 2: tiny.tost.skips.tost_skip_1}
-    expected = manual_forward(
-        reference, images, F.relu, lambda i, inp, out: out + (inp if i == 1 else skips[i](inp))
-    )
+    skips = list(tiny.tost.skips.values())
+    # conv2 is 8 -> 8: its branch is a BatchNorm of the input, no conv.
+    assert [s.branch for s in skips] == ["conv_bn", "bn", "conv_bn"]
+    assert skips[1].conv is None
+    expected = manual_forward(reference, images, F.relu, lambda i, inp, out: out + skips[i](inp))
     torch.testing.assert_close(tiny(images), expected)
+    torch.testing.assert_close(skips[1](images[:, :3].repeat(1, 3, 1, 1)[:, :8]), skips[1].bn(
+        images[:, :3].repeat(1, 3, 1, 1)[:, :8]))
 
 
 def test_scaffolding_retires_and_equals_the_masked_model(tiny, images) -> None:

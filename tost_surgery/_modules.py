@@ -19,11 +19,18 @@ class GhostSkip(nn.Module):
 
     The input is sampled at the centre of each output pixel's receptive field, so the
     branch's output has the conv's spatial size for every kernel, stride, padding and
-    dilation; then a 1x1 conv with the conv's groups and output channels, filled with
-    ``init``, and its own BatchNorm (the paper's code), or nothing (``identity``).
+    dilation. Then, by ``branch``:
+
+    - ``conv_bn``: a 1x1 conv with the conv's groups and output channels, filled with
+      ``init``, and its own BatchNorm (the paper's code);
+    - ``bn``: a BatchNorm of the sampled input (channels must match): as cheap as identity,
+      but normalized, so stacking one per conv does not compound the variance with depth;
+    - ``identity``: the sampled input itself.
     """
 
-    def __init__(self, conv: nn.Conv2d, *, identity: bool, init: float, dynamic_same: bool = False) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, *, branch: str = "conv_bn", init: float = 1e-4, dynamic_same: bool = False
+    ) -> None:
         super().__init__()
         self.stride = _pair(conv.stride)
         dilation, kernel = _pair(conv.dilation), _pair(conv.kernel_size)
@@ -45,7 +52,12 @@ class GhostSkip(nn.Module):
         self.conv: nn.Conv2d | None = None
         self.bn: nn.BatchNorm2d | None = None
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
-        if not identity:
+        if branch != "conv_bn" and conv.in_channels != conv.out_channels:
+            raise ValueError(f"A {branch!r} ghost skip needs in_channels == out_channels, found {conv}.")
+        self.branch = branch
+        if branch == "bn":
+            self.bn = nn.BatchNorm2d(conv.out_channels, **factory)
+        if branch == "conv_bn":
             stride = self.stride if self.is_aligned else 1
             self.conv = nn.Conv2d(
                 conv.in_channels, conv.out_channels, 1, stride=stride, groups=conv.groups, bias=False, **factory
@@ -59,7 +71,9 @@ class GhostSkip(nn.Module):
         elif self.conv is None and self.stride != (1, 1):
             x = x[..., :: self.stride[0], :: self.stride[1]]
         if self.conv is not None:
-            x = self.bn(self.conv(x))
+            x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
         return x
 
     def _sample(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +95,7 @@ class GhostSkip(nn.Module):
         return x[..., oh : oh + (lengths[0] - 1) * sh + 1 : sh, ow : ow + (lengths[1] - 1) * sw + 1 : sw]
 
     def extra_repr(self) -> str:
-        kind = "identity" if self.conv is None else "conv1x1+bn"
+        kind = {"conv_bn": "conv1x1+bn", "bn": "bn", "identity": "identity"}[self.branch]
         padding = ", dynamic_same" if self.dynamic_same else ""
         return f"{kind}, stride={self.stride}, aligned={self.is_aligned}{padding}"
 

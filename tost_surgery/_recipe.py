@@ -58,7 +58,8 @@ class Recipe:
     ghost_skips: bool = False
     """Add ``a * branch(x)`` from each Conv2d's input to its (norm's) output, ``a`` 1 -> 0."""
     skip_branch: SkipBranch = "conv_bn"
-    """``conv_bn``: the paper's 1x1 conv + BatchNorm; ``auto``: identity where channels match."""
+    """``conv_bn``: the paper's 1x1 conv + BatchNorm; ``auto``: a BatchNorm of the input where
+    channels match (cheaper; an unnormalized identity compounds the variance with depth)."""
     skip_init: float = 1e-4
     """Constant the branch's 1x1 conv weights are filled with (the paper's code: 1e-4)."""
     skip_linear: bool = False

@@ -26,10 +26,11 @@ def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
 
         c = conv(x)
         n = bn(c)
-        g = tost.skips.tost_skip_0(x)     # 1x1 conv + BN, or the (strided) input
+        g = tost.skips.tost_skip_0(x)     # 1x1 conv + BN, or BN of the (sampled) input
         y = torch.addcmul(n, a, g)        # n + a * g
 
-    With ``recipe.skip_linear``, ``nn.Linear`` layers with ``in == out`` get ``y = l + a * x``.
+    With ``recipe.skip_linear``, ``nn.Linear`` layers with ``in == out`` get ``y = l + a * x``
+    (a plain identity: there is one such skip per linear layer, not one per conv).
     ``a``, ``g`` and ``y`` are tagged ``skips``.
     """
     scale: fx.Node | None = None
@@ -62,14 +63,10 @@ def _branch_target(node: fx.Node, context: PassContext) -> object:
     if padding is not None:
         key = str(node.target)
         if key not in context.conv_to_skip:
-            identity = recipe.skip_branch == "auto" and module.in_channels == module.out_channels
-            skip = GhostSkip(
-                module, identity=identity, init=recipe.skip_init, dynamic_same=padding == "dynamic_same"
-            )
-            if identity and skip.is_aligned and skip.stride == (1, 1):
-                context.conv_to_skip[key] = None  # the branch is x itself: no module needed
-            else:
-                context.conv_to_skip[key] = context.scaffold.add_skip(skip)
+            square = module.in_channels == module.out_channels
+            branch = "bn" if recipe.skip_branch == "auto" and square else "conv_bn"
+            skip = GhostSkip(module, branch=branch, init=recipe.skip_init, dynamic_same=padding == "dynamic_same")
+            context.conv_to_skip[key] = context.scaffold.add_skip(skip)
         return context.conv_to_skip[key]
     if recipe.skip_linear and isinstance(module, nn.Linear) and module.in_features == module.out_features:
         return None
