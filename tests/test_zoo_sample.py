@@ -104,7 +104,8 @@ def test_round_trip(source: str, name: str, kwargs: dict, size: int) -> None:
     for _ in range(2):
         optimizer.zero_grad(set_to_none=True)
         logits = first_tensor(model(x)).float()
-        torch.nn.functional.cross_entropy(logits, torch.arange(2), label_smoothing=tost.label_smoothing(model)).backward()
+        smoothing = tost.label_smoothing(model)
+        torch.nn.functional.cross_entropy(logits, torch.arange(2), label_smoothing=smoothing).backward()
         optimizer.step()
     tost.step(model, 2)
     model.eval()
