@@ -87,7 +87,11 @@ def test_prepared_model_rows_show_scaffolding(tiny: TinyNet) -> None:
     recipe = tost.Recipe.tost(total_steps=10, skip_branch="auto", rescale_scope="all")
     model = tost.prepare(tiny, mask, recipe)
     skips = model.tost.surgery.context.conv_to_skip
-    assert skips == {"conv1": "tost.skips.tost_skip_0", "conv2": None, "conv3": "tost.skips.tost_skip_1"}
+    assert skips == {
+        "conv1": "tost.skips.tost_skip_0",
+        "conv2": "tost.skips.tost_skip_1",
+        "conv3": "tost.skips.tost_skip_2",
+    }
     rescaled = model.tost.surgery.rescaled
 
     result = report(model)
@@ -96,13 +100,13 @@ def test_prepared_model_rows_show_scaffolding(tiny: TinyNet) -> None:
     scaffolding = {row.name: row.scaffolding for row in result.rows}
     assert scaffolding == {
         "conv1.weight": f"ghost skip tost_skip_0, rescaled x{rescaled['conv1.weight']:.2f}",
-        "conv2.weight": f"identity skip, rescaled x{rescaled['conv2.weight']:.2f}",
-        "conv3.weight": f"ghost skip tost_skip_1, rescaled x{rescaled['conv3.weight']:.2f}",
+        "conv2.weight": f"ghost skip tost_skip_1 (bn), rescaled x{rescaled['conv2.weight']:.2f}",
+        "conv3.weight": f"ghost skip tost_skip_2, rescaled x{rescaled['conv3.weight']:.2f}",
         "fc.weight": f"rescaled x{rescaled['fc.weight']:.2f}",
     }
     assert [(r.name, r.kept) for r in result.rows] == [(r.name, r.kept) for r in report(mask).rows]
     text = str(result)
-    assert "ghost skip tost_skip_1" in text and "identity skip" in text and "scaffolding" in text
+    assert "ghost skip tost_skip_1 (bn)" in text and "scaffolding" in text
 
     tost.step(model, 3)  # warm-up is 30% of 10 steps: the skips retire
     assert "(retired)" in report(model).rows[0].scaffolding

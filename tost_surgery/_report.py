@@ -137,7 +137,12 @@ def _scaffolding_of(entry: MaskEntry, surgery: Any) -> str:
     conv_to_skip = surgery.context.conv_to_skip
     if entry.attr == "weight" and entry.module_name in conv_to_skip:
         target = conv_to_skip[entry.module_name]
-        parts.append(("identity skip" if target is None else f"ghost skip {target.rsplit('.', 1)[-1]}") + retired)
+        if target is None:
+            parts.append("identity skip" + retired)
+        else:
+            branch = surgery.context.scaffold.get_submodule(target.removeprefix("tost.")).branch
+            kind = "" if branch == "conv_bn" else f" ({branch})"
+            parts.append(f"ghost skip {target.rsplit('.', 1)[-1]}{kind}{retired}")
     elif entry.attr == "weight" and _has_linear_skip(entry, surgery):
         parts.append("identity skip" + retired)
     factor = surgery.rescaled.get(entry.name)
