@@ -535,3 +535,29 @@ def test_relu6_sites_by_setting(images) -> None:
         assert count_targets(model, torch.lerp) == ghosts
         assert count_targets(model, F.relu6) == relu6_nodes
         model(images)
+
+
+def test_tensors_created_in_forward_are_kept_as_constants() -> None:
+    class WithConstant(nn.Module):
+        """forward builds a tensor: torch.fx stores it on the model as ``_tensor_constant0``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x)) + torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+    torch.manual_seed(0)
+    model = WithConstant()
+    keys = list(model.state_dict())
+    x = torch.randn(2, 4)
+    mask = {"fc.weight": torch.rand(4, 4) > 0.5}
+    expected = masked_reference(model, mask)(x)
+    tost.prepare(model, mask)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert not any("constant" in key for key in model.state_dict())  # kept out of checkpoints
+    assert "_tensor_constant0" not in model.__dict__
+    tost.finalize(model)
+    assert list(model.state_dict()) == keys and "_tensor_constant0" not in model.__dict__
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

@@ -110,6 +110,13 @@ class Scaffold(nn.Module):
         super().__init__()
         self.schedule = Schedule(recipe)
         self.skips = nn.ModuleDict()
+        self.constants = nn.Module()
+
+    def add_constants(self, constants: dict[str, torch.Tensor]) -> None:
+        """Keep tensors torch.fx lifted out of forward, as buffers left out of ``state_dict``."""
+        for name, value in constants.items():
+            self.constants.register_buffer(name, value.detach() if isinstance(value, torch.Tensor) else value,
+                                           persistent=False)
 
     def add_skip(self, skip: GhostSkip) -> str:
         """Register ``skip`` under the next free name; return its graph target."""

@@ -151,9 +151,10 @@ def prepare(
             "Hint: Recipe.tost(total_steps=N) or Recipe.baseline()."
         )
     entries = normalize_mask(model, resolve_mask(model, mask))
-    pristine, notes = trace_per_mode(model, leaf_modules, strict=strict)
+    pristine, notes, constants = trace_per_mode(model, leaf_modules, strict=strict)
     modules = dict(model.named_modules())
     scaffold = Scaffold(recipe)
+    scaffold.add_constants(constants)
     context = PassContext(recipe, modules, scaffold)
     enabled = {t for t, on in (("neurons", recipe.ghost_neurons), ("skips", recipe.ghost_skips)) if on}
     eager_neurons = None

@@ -10,6 +10,8 @@ from .._modules import Scaffold
 from .._recipe import Recipe
 
 SCHEDULE = "tost.schedule"
+CONSTANTS = "tost.constants"
+"""Where tensors that torch.fx lifted out of forward (``_tensor_constant0``) are kept."""
 TAG = "tost"
 """``node.meta[TAG]`` names the technique that inserted the node."""
 SITE = "tost_site"

@@ -12,9 +12,11 @@ import inspect
 import warnings
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import fx, nn
 
 from .._errors import TraceError
+from ._context import CONSTANTS
 
 LeafSpec = Iterable["type[nn.Module] | str"]
 
@@ -83,8 +85,12 @@ def _concrete_args(model: nn.Module) -> dict[str, object]:
 
 def trace_per_mode(
     model: nn.Module, leaf_modules: LeafSpec = (), *, strict: bool = False
-) -> tuple[dict[bool, fx.Graph] | None, list[str]]:
-    """Return ``({True: train_graph, False: eval_graph}, notes)``; one graph when the modes agree.
+) -> tuple[dict[bool, fx.Graph] | None, list[str], dict[str, torch.Tensor]]:
+    """Return ``({True: train_graph, False: eval_graph}, notes, constants)``; one graph when the modes agree.
+
+    Tensors that forward creates (``torch.tensor(...)`` in timm's swin, beit, eva) are stored by
+    torch.fx as new attributes of the model; they are taken off the model and returned as
+    ``constants``, to be registered under ``tost.constants`` where the graphs now read them.
 
     A submodule that torch.fx cannot trace is called whole instead (a leaf), with a warning
     and a note naming it. When the model's own forward cannot be traced the graphs are
@@ -97,6 +103,8 @@ def trace_per_mode(
     flags = [(m, m.training) for m in model.modules()]
     snapshot = _snapshot_python_state(model)
     graphs: dict[bool, fx.Graph] = {}
+    sources: dict[bool, str] = {}
+    constants: dict[bool, dict[str, torch.Tensor]] = {}
     notes: list[str] = []
     try:
         mode = True
@@ -105,6 +113,8 @@ def trace_per_mode(
             tracer = _Tracer(leaf_types + timm_types, leaf_names, timm_functions)
             try:
                 graphs[mode] = tracer.trace(model, concrete_args=concrete or None)
+                sources[mode] = graphs[mode].python_code("self").src
+                constants[mode] = _lift_constants(model, graphs[mode], snapshot, "train" if mode else "eval")
                 mode = False
             except TraceError:
                 raise
@@ -116,7 +126,7 @@ def trace_per_mode(
                 if not where:
                     notes.append(f"not traceable: {failure.reason}; only masks, rescaling and eager ghost neurons")
                     _warn(f"{type(model).__name__} cannot be traced ({failure.reason}); {_FALLBACK}")
-                    return None, notes
+                    return None, notes, {}
                 leaf_names = leaf_names | {where}
                 notes.append(f"{where} ({type(model.get_submodule(where)).__name__}) called whole: {failure.reason}")
                 _warn(
@@ -131,9 +141,28 @@ def trace_per_mode(
     finally:
         for module, flag in flags:
             module.training = flag
-    if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
+    if sources[True] == sources[False]:
         graphs[False] = graphs[True]
-    return graphs, notes
+        constants[False] = {}
+    return graphs, notes, {**constants[True], **constants[False]}
+
+
+def _lift_constants(
+    model: nn.Module, graph: fx.Graph, snapshot: Sequence[tuple[nn.Module, dict, dict]], prefix: str
+) -> dict[str, torch.Tensor]:
+    """Point ``get_attr`` nodes that read attributes tracing added at ``tost.constants``."""
+    existing = set(snapshot[0][1]) | set(model._modules) | set(model._parameters) | set(model._buffers)
+    lifted: dict[str, torch.Tensor] = {}
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        root, _, rest = str(node.target).partition(".")
+        if root in existing:
+            continue
+        name = f"{prefix}_{root}"
+        lifted[name] = getattr(model, root)
+        node.target = f"{CONSTANTS}.{name}" + (f".{rest}" if rest else "")
+    return lifted
 
 
 _MAX_AUTO_LEAVES = 200
