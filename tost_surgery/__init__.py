@@ -9,11 +9,12 @@ Example:
     >>> clean = tost.finalize(model)
 """
 
-from . import masks
+from . import init, losses, masks
 from ._errors import MaskError, RecipeError, StateError, TostSurgeryError, TostSurgeryWarning, TraceError
 from ._plan import Plan, plan
 from ._recipe import Recipe
 from ._report import Report, report
+from ._scaffold_params import scaffold_parameters
 from ._surgery import finalize, prepare
 from ._training import BindHandle, bind, graph, label_smoothing, step
 
@@ -33,10 +34,13 @@ __all__ = [
     "bind",
     "finalize",
     "graph",
+    "init",
     "label_smoothing",
+    "losses",
     "masks",
     "plan",
     "prepare",
     "report",
+    "scaffold_parameters",
     "step",
 ]

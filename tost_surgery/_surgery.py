@@ -19,10 +19,10 @@ from ._fx._patterns import feeds_normalization
 from ._fx._tracing import trace_per_mode
 from ._fx.passes import insert_ghost_neurons, insert_ghost_skips
 from ._fx.passes.split_norm_act import split_norm_act
-from ._init import rescale_factors
 from ._masking import MaskEntry, attach_masks, detach_masks, normalize_mask, original_parameter, resolve_mask
 from ._modules import Scaffold
 from ._recipe import Recipe
+from ._rescale import rescale_factors
 from ._schedule import Technique
 
 # The order in which graph passes run; each inserts one technique's scaffolding.

@@ -16,20 +16,21 @@ import copy
 import io
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._errors import StateError, TostSurgeryError
+from ._errors import StateError, TostSurgeryError, TostSurgeryWarning
 from ._masking import MaskEntry, attach_masks, normalize_mask, original_parameter, resolve_mask
 from ._modules import Scaffold
 
@@ -87,24 +88,24 @@ class GradInitReport:
         data["settings"] = dict(self.settings)
         return data
 
-    def __rich__(self) -> Table:
-        caption = (
-            f"objective (loss after one {self.settings.get('algorithm', '')} step): "
-            f"{self.objective_before:.4f} -> {self.objective_after:.4f}; "
-            f"gradient norm {self.grad_norm_before:.4g} -> {self.grad_norm_after:.4g}; "
-            f"{self.steps} steps, {self.constraint_steps} on the constraint"
-        )
-        table = Table(title=Text("GradInit scales", style="bold"), caption=Text(caption))
+    def __rich__(self) -> Group:
+        table = Table(title=Text("GradInit scales", style="bold"))
         table.add_column("layer")
         table.add_column("density", justify="right")
         table.add_column("scale", justify="right")
         for layer in self.layers:
             table.add_row(Text(layer.name), f"{layer.density:.4f}", f"{layer.scale:.4f}")
-        return table
+        summary = (
+            f"objective {self.objective_before:.4f} -> {self.objective_after:.4f} "
+            f"(loss after one {self.settings.get('algorithm', '')} step), "
+            f"gradient norm {self.grad_norm_before:.4g} -> {self.grad_norm_after:.4g}; "
+            f"{self.steps} steps, {self.constraint_steps} on the constraint"
+        )
+        return Group(table, Text(summary))
 
     def __str__(self) -> str:
         longest = max((len(layer.name) for layer in self.layers), default=0)
-        console = Console(width=max(100, longest + 40), record=True, file=io.StringIO(), color_system=None)
+        console = Console(width=max(120, longest + 40), record=True, file=io.StringIO(), color_system=None)
         console.print(self)
         return console.export_text()
 
@@ -150,8 +151,8 @@ def gradinit(
     masked weights at the end (exact zeros stay zero): its other parameters, BatchNorm running
     statistics, mode and schedule are as before, and the search draws nothing from the global
     RNGs (reading ``batches`` may: a shuffling DataLoader draws its order). Call it after
-    ``prepare`` and before training. Do not stack it on the fan-in rule: prepare with
-    ``Recipe.tost(total_steps=N, rescale_init=False)``.
+    ``prepare`` and before training. Do not stack it on the fan-in rule (a :class:`TostSurgeryWarning`
+    says when it does): prepare with ``Recipe.tost(total_steps=N, rescale_init=False)``.
 
     Args:
         model: a model prepared by :func:`tost_surgery.prepare` (its masks are used), or a plain
@@ -306,6 +307,13 @@ def _masked_layers(model: nn.Module, mask: object) -> tuple[list[MaskEntry], lis
             )
         surgery = scaffold.surgery
         entries = surgery.entries
+        if surgery.context.recipe.rescale_init and surgery.rescaled:
+            warnings.warn(
+                f"gradinit stacks on the rescaling prepare already applied to {sorted(surgery.rescaled)}.\n"
+                "Hint: prepare with Recipe.tost(total_steps=N, rescale_init=False) to use the learned scales alone.",
+                TostSurgeryWarning,
+                stacklevel=3,
+            )
     elif mask is None:
         raise StateError(
             f"gradinit needs masks: {type(model).__name__} is not prepared and no mask was given.\n"
