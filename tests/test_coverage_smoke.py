@@ -1,0 +1,48 @@
+"""Smoke test of benchmarks/coverage.py: two small models, end to end, into a temporary directory."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("timm")
+pytest.importorskip("torchvision")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "coverage.py"
+COLUMNS = [
+    "source", "model", "params", "input_size", "traced", "ghost_neurons", "ghost_skips", "masked_layers",
+    "prepare_s", "finalize_s", "round_trip_ok", "baseline_exact", "failure", "wall_s",
+]  # fmt: skip
+
+
+def test_coverage_two_resnets(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(SCRIPT), "--only", "tv:resnet18", "timm:resnet18", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    with (tmp_path / "coverage.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames[: len(COLUMNS)] == COLUMNS
+        rows = {(r["source"], r["model"]): r for r in reader}
+    assert set(rows) == {("tv", "resnet18"), ("timm", "resnet18")}
+    for row in rows.values():
+        assert row["round_trip_ok"] == "True", row
+        assert row["baseline_exact"] == "True", row
+        assert row["failure"] == "", row
+        assert row["traced"] == "full"
+        assert row["input_size"] == "64x64"
+        assert min(int(row[c]) for c in ("ghost_neurons", "ghost_skips", "masked_layers")) > 0, row
+
+    report = (tmp_path / "COVERAGE.md").read_text()
+    assert "## Summary" in report and "| resnet18 |" in report
+
+    # Resumable: a second run finds both rows and runs nothing.
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "running 0" in again.stdout, again.stdout + again.stderr
+    with (tmp_path / "coverage.csv").open(newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2
