@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,16 @@ def bernoulli_mask(model: nn.Module, density: float = 0.5, seed: int = 0) -> dic
             m.view(-1)[0] = True
             mask[name] = m
     return mask
+
+
+def masked_reference(model: nn.Module, mask: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` with masked weights zeroed by hand: the plain masked model."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name in mask:
+                param.mul_(mask[name])
+    return reference
 
 
 @pytest.fixture

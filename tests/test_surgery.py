@@ -14,17 +14,7 @@ from torch.nn.utils import parametrize
 import tost_surgery as tost
 from tost_surgery import Recipe
 
-from .conftest import TinyNet, bernoulli_mask
-
-
-def masked_reference(model: nn.Module, mask: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` with masked weights zeroed by hand: the plain masked model."""
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in reference.named_parameters():
-            if name in mask:
-                param.mul_(mask[name])
-    return reference
+from .conftest import TinyNet, bernoulli_mask, masked_reference
 
 
 def tagged(model: nn.Module, technique: str, mode: bool = True) -> list:

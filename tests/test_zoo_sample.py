@@ -8,14 +8,14 @@ benchmarks/coverage.py.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 import tost_surgery as tost
+
+from .conftest import masked_reference
 
 pytestmark = pytest.mark.zoo
 timm = pytest.importorskip("timm")
@@ -68,15 +68,6 @@ def first_tensor(out: object) -> torch.Tensor:
     return first_tensor(out[0])
 
 
-def masked_copy(model: nn.Module, mask: dict[str, torch.Tensor]) -> nn.Module:
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in reference.named_parameters():
-            if name in mask:
-                param.mul_(mask[name])
-    return reference
-
-
 @pytest.mark.parametrize(
     ("source", "name", "kwargs", "size"),
     [case[:4] for case in SAMPLE],
@@ -86,12 +77,12 @@ def test_round_trip(source: str, name: str, kwargs: dict, size: int) -> None:
     model = build(source, name, kwargs)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     mask = tost.masks.erk(model, 0.9, seed=0)
-    reference = masked_copy(model, mask).eval()
+    reference = masked_reference(model, mask).eval()
     keys = list(model.state_dict())
     param_ids = [id(p) for p in model.parameters()]
 
     # The rewritten graph itself, with no scaffolding, equals the masked model.
-    baseline = tost.prepare(masked_copy(model, mask), mask).eval()
+    baseline = tost.prepare(masked_reference(model, mask), mask).eval()
     with torch.no_grad():
         torch.testing.assert_close(first_tensor(baseline(x)), first_tensor(reference(x)), rtol=1e-5, atol=1e-5)
 
