@@ -61,6 +61,8 @@ def _branch_target(node: fx.Node, context: PassContext) -> object:
     recipe = context.recipe
     padding = conv_padding_kind(module)
     if padding is not None:
+        if not recipe.skip_pointwise and tuple(module.kernel_size) == (1, 1) and module.groups == 1:
+            return _NO_SITE  # the 1x1 branch would be a dense copy of this 1x1 layer
         key = str(node.target)
         if key not in context.conv_to_skip:
             square = module.in_channels == module.out_channels
