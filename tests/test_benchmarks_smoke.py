@@ -1,0 +1,90 @@
+"""Smoke runs of ``benchmarks/accuracy.py`` and ``benchmarks/overhead.py`` at tiny sizes.
+
+They check that the scripts run end to end and write their files with the expected columns;
+never a timing or an accuracy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
+ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+
+
+def run(script: str, *args: str, timeout: int = 120) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"the CIFAR-10 subset is not at {DATA}")
+def test_accuracy_smoke(tmp_path: Path) -> None:
+    common = ["--epochs", "1", "--subset", "256", "--masks", "erk", "--sparsities", "0.9", "--out", str(tmp_path)]
+    output = run("accuracy.py", "--grid", "main", "--seeds", "0", "--threads", "1", *common)
+    assert "2 to run now" in output, output
+
+    records = [json.loads(line) for line in (tmp_path / "accuracy.jsonl").read_text().splitlines()]
+    assert sorted(r["key"]["variant"] for r in records) == ["baseline", "tost"]
+    for record in records:
+        for field in ("test_acc", "val_acc", "train_loss", "wall_s", "device", "threads", "commit", "mask_sha"):
+            assert field in record, field
+        assert 0.0 <= record["test_acc"] <= 1.0
+        assert record["masked_nonzero"] == 0
+    # Same mask and same initial weights for both protocols of a seed.
+    assert len({r["mask_sha"] for r in records}) == 1 and len({r["init_sha"] for r in records}) == 1
+
+    again = run("accuracy.py", "--grid", "main", "--seeds", "0", *common)
+    assert "0 to run now" in again, again  # finished runs are skipped
+
+    run("accuracy.py", "--report", *common)
+    markdown = (tmp_path / "accuracy.md").read_text()
+    header = "| mask | sparsity | default (baseline) | ToST | gain | seeds | ToST beats default? |"
+    assert header in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| erk | 0.90 |"))
+    assert "pending" not in row and row.count("|") == header.count("|")
+    assert "## Ablation at sparsity 0.98" in markdown and "## Budget" in markdown
+    report = json.loads((tmp_path / "accuracy.json").read_text())
+    main = next(r for r in report["main"] if r["mask"] == "erk" and r["sparsity"] == 0.9)
+    assert main["paired"] == 1 and set(main) >= {"baseline", "tost", "gain", "verdict"}
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overhead_smoke(tmp_path: Path) -> None:
+    run(
+        "overhead.py", "--models", "tiny_cnn", "--prepare-models", "tiny_cnn", "--batch", "2", "--image-size", "16",
+        "--repeats", "2", "--warmup-iters", "1", "--prepare-repeats", "1", "--memory-steps", "2",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    report = json.loads((tmp_path / "overhead.json").read_text())
+    (step,) = report["steps"]
+    assert set(step["median_ms"]) == set("abcde")
+    assert set(step["ratio_to"]) == {"a", "b", "c"} and step["ratio_to"]["a"]["a"] == 1.0
+    assert set(report["memory"]["tiny_cnn"]) == set("abcde")
+    assert all(m["peak_bytes"] > 0 for m in report["memory"]["tiny_cnn"].values())
+    (prepare,) = report["prepare"]
+    assert {"prepare_s", "finalize_s", "retire_s", "mask_s"} <= set(prepare)
+
+    markdown = (tmp_path / "overhead.md").read_text()
+    assert "| model | variant | median ms | x (a) dense | x (b) prune | x (c) masks | peak MiB |" in markdown
+    assert sum(line.startswith("| tiny_cnn | (") for line in markdown.splitlines()) == 5
+    assert "| model | target | measured (IQR over rounds) | met? |" in markdown
+    assert "| model | params (M) | erk mask s | prepare s (ToST) |" in markdown
+
+    (tmp_path / "overhead.md").unlink()
+    run("overhead.py", "--render", "--out", str(tmp_path))  # the Markdown again, from the JSON alone
+    assert (tmp_path / "overhead.md").read_text() == markdown
