@@ -10,6 +10,7 @@ Example:
 """
 
 from . import init, losses, masks
+from ._distributed import check_masks_match
 from ._errors import MaskError, RecipeError, StateError, TostSurgeryError, TostSurgeryWarning, TraceError
 from ._plan import Plan, plan
 from ._recipe import Recipe
@@ -32,6 +33,7 @@ __all__ = [
     "TostSurgeryWarning",
     "TraceError",
     "bind",
+    "check_masks_match",
     "finalize",
     "graph",
     "init",

@@ -118,6 +118,16 @@ def normalize_mask(model: nn.Module, mask: object) -> list[MaskEntry]:
 def _check_mask_value(name: str, value: object, param: torch.Tensor) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise MaskError(f"Mask for {name!r} must be a torch.Tensor, found {type(value).__name__}.")
+    if value.is_meta:
+        raise MaskError(
+            f"Mask for {name!r} is on the meta device: it holds no values.\n"
+            "Hint: make masks from a model whose weights are materialized (not on the meta device)."
+        )
+    if value.layout != torch.strided or value.is_nested:
+        layout = "nested" if value.is_nested else value.layout
+        raise MaskError(
+            f"Mask for {name!r} must be a dense tensor, found layout {layout}.\nHint: pass mask.to_dense()."
+        )
     if tuple(value.shape) != tuple(param.shape):
         raise MaskError(
             f"Mask for {name!r} has the wrong shape.\n"
@@ -176,11 +186,24 @@ def detach_masks(entries: list[MaskEntry], *, bake: bool) -> None:
     """Remove our parametrizations; with ``bake`` the masked value stays in the parameter."""
     for entry in entries:
         if parametrize.is_parametrized(entry.module, entry.attr):
+            _own_parametrized_class(entry.module)
             parametrize.remove_parametrizations(entry.module, entry.attr, leave_parametrized=bake)
         parameters = entry.module._parameters
         if tuple(parameters) != entry.parameter_order and set(parameters) == set(entry.parameter_order):
             for key in entry.parameter_order:  # same objects, original state_dict order
                 parameters[key] = parameters.pop(key)
+
+
+def _own_parametrized_class(module: nn.Module) -> None:
+    """Give ``module`` a parametrized class of its own before a parametrization is removed.
+
+    torch's deepcopy of a parametrized module shares the injected ``Parametrized<Class>`` with the
+    original, and removing a parametrization deletes its property from that class: finalizing a
+    copy would strip ``weight`` from the original too.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def original_parameter(entry: MaskEntry) -> torch.Tensor:

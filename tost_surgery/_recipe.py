@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -15,6 +15,14 @@ SkipBranch = Literal["conv_bn", "auto"]
 RescaleRule = Literal["fan_in", "layer"]
 RescaleScope = Literal["all", "unnormalized"]
 LabelSchedule = Literal["constant", "anneal"]
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _is_real(value: object) -> bool:
+    """A real number (numpy's too), not a bool: ``warmup=True`` is a mistake, not 1.0."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "soft_activation": ("silu", "mish", "softplus", "gelu"),
@@ -98,19 +106,26 @@ class Recipe:
             value = getattr(self, name)
             if value is None and name != "warmup":
                 continue
-            if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            if not _is_real(value) or not 0.0 < value <= 1.0:
                 raise RecipeError(
                     f"Recipe.{name} is a fraction of total_steps in (0, 1], found {value!r}.\n"
                     "Hint: warmup=0.3 anneals the scaffolding over the first 30% of steps."
                 )
-        if not isinstance(self.label_smoothing, (int, float)) or not 0.0 <= self.label_smoothing < 1.0:
+            object.__setattr__(self, name, float(value))
+        if not _is_real(self.label_smoothing) or not 0.0 <= self.label_smoothing < 1.0:
             raise RecipeError(f"Recipe.label_smoothing must be in [0, 1), found {self.label_smoothing!r}.")
-        if not isinstance(self.skip_init, (int, float)) or not math.isfinite(self.skip_init):
-            raise RecipeError(f"Recipe.skip_init must be a finite number, found {self.skip_init!r}.")
-        if self.total_steps is not None and (
-            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
-        ):
-            raise RecipeError(f"Recipe.total_steps must be a positive int, found {self.total_steps!r}.")
+        object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
+        if not _is_real(self.skip_init) or not abs(self.skip_init) <= _FLOAT32_MAX:
+            raise RecipeError(
+                f"Recipe.skip_init must be a finite number, representable in float32, found {self.skip_init!r}."
+            )
+        object.__setattr__(self, "skip_init", float(self.skip_init))
+        if self.total_steps is not None:
+            if not isinstance(self.total_steps, numbers.Integral) or isinstance(self.total_steps, bool) or (
+                self.total_steps < 1
+            ):
+                raise RecipeError(f"Recipe.total_steps must be a positive int, found {self.total_steps!r}.")
+            object.__setattr__(self, "total_steps", int(self.total_steps))
         if self.is_annealed and self.total_steps is None:
             raise RecipeError(
                 "Recipe anneals scaffolding but total_steps is None.\n"

@@ -11,8 +11,9 @@ def scaffold_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters ``prepare`` added (everything under ``model.tost``), in a stable order.
 
     Give them their own learning rate or weight decay with two parameter groups. They stay in
-    the model after their technique retires (they then get no gradient, so optimizers skip
-    them), and ``finalize`` removes them.
+    the model after their technique retires (they then get no gradient and ``requires_grad``
+    is off, so optimizers skip them and a DDP wrapper built afterwards leaves them out), and
+    ``finalize`` removes them.
 
     Example:
         >>> scaffold = tost_surgery.scaffold_parameters(model)

@@ -41,6 +41,16 @@ class Schedule(nn.Module):
         self.register_load_state_dict_post_hook(_resync_after_load)
         self._update_coefficients()
 
+    def _apply(self, fn, recurse: bool = True):
+        # ``model.to(dtype)`` would cast the coefficients too: in bfloat16 the blend moves in stairs
+        # of 1/256 (1/3 becomes 0.333984375). The graph's ops take a 0-d float32 tensor as it is.
+        super()._apply(fn, recurse)
+        for name in ("neuron_blend", "skip_scale"):
+            if self._buffers[name].dtype != torch.float32:
+                self._buffers[name] = self._buffers[name].float()
+        self._update_coefficients()
+        return self
+
     def advance(self, n: int) -> None:
         """Count ``n`` more optimizer steps."""
         self.step.add_(n)

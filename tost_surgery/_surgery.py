@@ -91,6 +91,9 @@ class Surgery:
         }
         if graphs[False] is graphs[True]:
             self.forwards[False] = self.forwards[True]
+        # Retired scaffolding gets no gradient: freeze it, so that a data-parallel wrapper built
+        # from now on leaves it out (DDP would otherwise wait for its gradients and fail).
+        self.context.scaffold.skips.requires_grad_("skips" in active)
         self.active = active
 
     def positional(self, args: tuple, kwargs: Mapping) -> tuple:
@@ -242,6 +245,12 @@ def surgery_of(model: nn.Module, verb: str) -> Surgery:
     """The :class:`Surgery` of a prepared model, or a :class:`StateError` naming ``verb``."""
     scaffold = getattr(model, "tost", None) if isinstance(model, nn.Module) else None
     if not isinstance(scaffold, Scaffold):
+        inner = getattr(model, "module", None) if isinstance(model, nn.Module) else None
+        if isinstance(getattr(inner, "tost", None), Scaffold):
+            raise StateError(
+                f"{verb}: {type(model).__name__} wraps a prepared {type(inner).__name__}; "
+                "tost_surgery works on the model itself.\nHint: pass the prepared model (wrapper.module)."
+            )
         raise StateError(
             f"{verb}: {type(model).__name__} is not prepared by tost_surgery.\n"
             "Hint: call tost_surgery.prepare(model, mask, recipe) first."
@@ -266,6 +275,18 @@ def _check_preparable(model: object) -> None:
         raise StateError(
             f"prepare got a {name} wrapper.\n"
             "Hint: prepare the inner model first, then wrap it (torch.compile, DDP, ...)."
+        )
+    meta = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise StateError(
+            f"{name} has parameters on the meta device ({meta!r}): masks and rescaling need their values.\n"
+            "Hint: materialize the model first (model.to_empty(device=...), then initialize it), then prepare."
+        )
+    if torch.is_inference_mode_enabled():
+        raise StateError(
+            "prepare was called under torch.inference_mode(): the masks and ghost modules it makes would be "
+            "inference tensors, which autograd cannot train.\n"
+            "Hint: call prepare outside inference_mode (torch.no_grad() is fine)."
         )
     if "forward" in model.__dict__:
         raise StateError(

@@ -51,6 +51,13 @@ def ecosystem_leaves() -> tuple[tuple[type, ...], tuple]:
 def _split_leaves(model: nn.Module, leaf_modules: LeafSpec) -> tuple[tuple[type, ...], frozenset[str]]:
     types, names = [], set()
     module_names = dict(model.named_modules())
+    if isinstance(leaf_modules, (str, type)):
+        what = f"the str {leaf_modules!r}" if isinstance(leaf_modules, str) else f"the class {leaf_modules.__name__}"
+        example = repr(leaf_modules) if isinstance(leaf_modules, str) else leaf_modules.__name__
+        raise TraceError(
+            f"leaf_modules takes a list of module classes or qualified names, found {what}.\n"
+            f"Hint: leaf_modules=[{example}]"
+        )
     for leaf in leaf_modules:
         if isinstance(leaf, str):
             if leaf not in module_names:
