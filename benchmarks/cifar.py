@@ -32,7 +32,12 @@ SPLIT_SEED = 0
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN, ReLU between and after the sum; a 1x1 conv-BN shortcut when the shape changes."""
+    """Two 3x3 conv-BN, ReLU between and after the sum; a 1x1 conv-BN shortcut when the shape changes.
+
+    Deliberately not ``examples/cifar_models.py`` (parameter-free "option A" shortcuts): this is
+    the prototype's network in ``../shared/EXPERIMENTS.md`` (0.27M parameters), so the grid's
+    numbers compare with it, and the finished runs in ``results/accuracy.jsonl`` used it.
+    """
 
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
