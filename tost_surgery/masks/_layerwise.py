@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._scope import check_sparsity, prunable_weights
+from ._select import largest_remainder, target_count
 
 
 def random(
@@ -75,18 +76,8 @@ def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[st
 
 def _allocate(weights: dict[str, torch.Tensor], wanted: dict[str, float], density: float) -> dict[str, int]:
     """Integer kept counts near ``wanted``, summing exactly to the global target, >= 1 each."""
-    total = sum(w.numel() for w in weights.values())
-    target = max(len(weights), round(density * total))
-    counts = {n: min(weights[n].numel(), max(1, math.floor(c))) for n, c in wanted.items()}
-    order = sorted(wanted, key=lambda n: wanted[n] - math.floor(wanted[n]), reverse=True)
-    while sum(counts.values()) != target:
-        step = 1 if sum(counts.values()) < target else -1
-        for name in order if step == 1 else reversed(order):
-            if sum(counts.values()) == target:
-                break
-            if 1 <= counts[name] + step <= weights[name].numel():
-                counts[name] += step
-    return counts
+    numels = {n: w.numel() for n, w in weights.items()}
+    return largest_remainder(numels, wanted, target_count(numels, density))
 
 
 def _sample(weights: dict[str, torch.Tensor], counts: dict[str, int], seed: int | None) -> dict[str, torch.Tensor]:

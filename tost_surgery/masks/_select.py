@@ -85,8 +85,8 @@ def largest_remainder(
 ) -> dict[str, int]:
     """Integer counts near ``wanted`` that add up to ``target``, each in ``[minimum, numel]``.
 
-    The rounding of ``masks._layerwise._allocate``: floor, then hand out the rest one weight at
-    a time to the largest fractional parts (take back from the smallest).
+    Floor, then hand out the rest one weight at a time to the largest fractional parts (take
+    back from the smallest).
     """
     counts = {n: min(numels[n], max(minimum, math.floor(c))) for n, c in wanted.items()}
     order = sorted(wanted, key=lambda n: wanted[n] - math.floor(wanted[n]), reverse=True)
