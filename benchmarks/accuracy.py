@@ -4,12 +4,15 @@ CIFAR ResNet-20 on the CIFAR-10 subset (``../shared/data/cifar10-subset.npz``): 
 seeded 90% split of ``x_train``, reports on ``x_test`` (``--eval-on test``, the reported grid)
 or on the held-out 10% of ``x_train`` (``--eval-on val``, for choosing the recipe's settings).
 
-A run is (arch, mask, sparsity, seed, variant, epochs, eval split, recipe overrides). Each
-finished run is appended as one JSON line to ``<out>/accuracy.jsonl``; runs already there are
-skipped, so the grid resumes where it stopped, and several invocations can share it (a run
-in progress is claimed with a lock file). The mask and the initial weights depend only on
-(arch, mask, sparsity, seed): both protocols of a seed start from the same masked network
-and see the same batches.
+A run is (arch, mask, sparsity, seed, epochs, eval split) and the Recipe it trains with: the
+variant (``baseline``, ``tost``, ``no_skips``...) and ``--set`` overrides only name that Recipe,
+so a run is identified by its resolved Recipe. Two names of one Recipe share one run, and a
+changed ``Recipe.tost`` default leaves the old ``tost`` records stale (kept, not reported)
+instead of mixing them in. Each finished run is appended as one JSON line to
+``<out>/accuracy.jsonl``; runs already there are skipped, so the grid resumes where it stopped,
+and several invocations can share it (a run in progress is claimed with a lock file). The mask
+and the initial weights depend only on (arch, mask, sparsity, seed): both protocols of a seed
+start from the same masked network and see the same batches.
 
     python benchmarks/accuracy.py --grid main --masks erk --sparsities 0.98 --seeds 0 1 2 --threads 1
     python benchmarks/accuracy.py --grid ablation --jobs 2            # each technique alone / all but one, 0.98
@@ -35,7 +38,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -96,14 +99,58 @@ class RunKey:
         data["overrides"] = tuple(sorted(data.get("overrides", {}).items()))
         return cls(**data)
 
+    def protocol(self) -> dict[str, Any]:
+        """The key without the Recipe's names (variant, overrides)."""
+        data = self.to_dict()
+        del data["variant"], data["overrides"]
+        return data
+
+    def recipe(self) -> dict[str, Any]:
+        """The resolved Recipe fields (``total_steps`` left out: it follows from the protocol)."""
+        return recipe_fields(recipe_for(self.variant, 1, dict(self.overrides)).to_dict())
+
     @property
     def id(self) -> str:
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha1(text.encode()).hexdigest()[:12]
+        return content_id(self.protocol(), self.recipe())
 
     def label(self) -> str:
         extra = "".join(f" {k}={v}" for k, v in self.overrides)
         return f"{self.arch} {self.mask} s={self.sparsity} seed={self.seed} {self.variant}{extra} ({self.eval})"
+
+
+RECIPE_DEFAULTS = {f.name: f.default for f in fields(tost.Recipe) if f.default is not MISSING}
+
+
+def recipe_fields(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Recipe fields without ``total_steps``; fields added to Recipe after a record was written take
+    their defaults, which keep the old behaviour."""
+    filled = {**RECIPE_DEFAULTS, **recipe}
+    filled.pop("total_steps", None)
+    return filled
+
+
+def content_id(protocol: dict[str, Any], recipe: dict[str, Any]) -> str:
+    text = json.dumps({"protocol": protocol, "recipe": recipe}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def record_id(record: dict[str, Any]) -> str:
+    """The id of the run a record holds, from the Recipe it actually trained with."""
+    return content_id(RunKey.from_dict(record["key"]).protocol(), recipe_fields(record["recipe"]))
+
+
+def labels_of(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (variant, overrides JSON) whose Recipe is, with today's defaults, the one the record used.
+
+    Empty for a stale record (its variant's Recipe has changed since).
+    """
+    used = recipe_fields(record["recipe"])
+    key = record["key"]
+    labels = [(v, "{}") for v in VARIANTS if recipe_fields(recipe_for(v, 1, {}).to_dict()) == used]
+    own = (key["variant"], json.dumps(key["overrides"], sort_keys=True))
+    if own not in labels and recipe_fields(recipe_for(own[0], 1, key["overrides"]).to_dict()) == used:
+        labels.append(own)
+    return labels
 
 
 def recipe_for(variant: str, total_steps: int, overrides: dict[str, Any]) -> tost.Recipe:
@@ -120,9 +167,9 @@ def recipe_for(variant: str, total_steps: int, overrides: dict[str, Any]) -> tos
     if technique not in TECHNIQUES or kind not in ("only", "no"):
         raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
     off: dict[str, Any] = {}
-    for name, fields in TECHNIQUES.items():
+    for name, switched_off in TECHNIQUES.items():
         if (kind == "no") == (name == technique):
-            off.update(fields)
+            off.update(switched_off)
     return tost.Recipe.tost(total_steps, **{**off, **overrides})
 
 
@@ -284,7 +331,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def done_ids(path: Path) -> set[str]:
-    return {RunKey.from_dict(r["key"]).id for r in read_results(path)}
+    return {record_id(r) for r in read_results(path)}
 
 
 def append_result(path: Path, record: dict[str, Any]) -> None:
@@ -472,7 +519,10 @@ def _pct(mean: float | None, std: float | None, n: int, *, signed: bool = False)
 
 
 def _select(records: list[dict[str, Any]], args: argparse.Namespace, **fixed: Any) -> dict[tuple, dict[str, Any]]:
-    """Latest record per (mask, sparsity, seed, variant, overrides) matching the report's protocol."""
+    """Latest record per (mask, sparsity, seed, variant, overrides) matching the report's protocol.
+
+    A record counts under every variant name whose Recipe it trained with (see :func:`labels_of`).
+    """
     chosen: dict[tuple, dict[str, Any]] = {}
     for record in records:
         key = record["key"]
@@ -485,14 +535,8 @@ def _select(records: list[dict[str, Any]], args: argparse.Namespace, **fixed: An
             continue
         if any(key.get(k) != v for k, v in fixed.items()):
             continue
-        index = (
-            key["mask"],
-            round(key["sparsity"], 6),
-            key["seed"],
-            key["variant"],
-            json.dumps(key["overrides"], sort_keys=True),
-        )
-        chosen[index] = record
+        for variant, overrides in labels_of(record):
+            chosen[(key["mask"], round(key["sparsity"], 6), key["seed"], variant, overrides)] = record
     return chosen
 
 

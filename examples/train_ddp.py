@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
             torch.save(model.state_dict(), args.out)
             SmallCNN().load_state_dict(torch.load(args.out), strict=True)
             print(f"saved the finalized state_dict to {args.out} (loads strictly into SmallCNN)", flush=True)
+    # Wait for rank 0 before tearing down: a rank that destroys its group while a peer still
+    # works can abort in gloo's teardown ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
