@@ -88,3 +88,47 @@ def test_overhead_smoke(tmp_path: Path) -> None:
     (tmp_path / "overhead.md").unlink()
     run("overhead.py", "--render", "--out", str(tmp_path))  # the Markdown again, from the JSON alone
     assert (tmp_path / "overhead.md").read_text() == markdown
+
+
+def _accuracy_module():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("accuracy_under_test", BENCHMARKS / "accuracy.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_accuracy_runs_are_identified_by_their_recipe() -> None:
+    accuracy = _accuracy_module()
+    common = dict(arch="resnet20", mask="erk", sparsity=0.98, seed=0, epochs=20, eval="val")
+    no_skips = accuracy.RunKey(variant="no_skips", **common)
+    same = accuracy.RunKey(variant="tost", overrides=(("ghost_skips", False),), **common)
+    assert no_skips.id == same.id  # two names of one Recipe: one run
+    assert no_skips.id != accuracy.RunKey(variant="tost", **common).id
+    assert no_skips.id != accuracy.RunKey(variant="no_skips", **{**common, "seed": 1}).id
+
+    record = {"key": no_skips.to_dict(), "recipe": {**no_skips.recipe(), "total_steps": 720}}
+    assert accuracy.record_id(record) == no_skips.id
+    assert ("no_skips", "{}") in accuracy.labels_of(record) and ("tost", "{}") not in accuracy.labels_of(record)
+    # A field the record predates takes its default; a default that changed since makes it stale.
+    older = {**record, "recipe": {k: v for k, v in record["recipe"].items() if k != "skip_pointwise"}}
+    assert accuracy.record_id(older) == no_skips.id
+    stale = {**record, "recipe": {**record["recipe"], "warmup": record["recipe"]["warmup"] + 0.1}}
+    assert accuracy.labels_of(stale) == [] and accuracy.record_id(stale) != no_skips.id
+
+
+def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
+    output = run(
+        "gpu_check.py", "--device", "cpu", "--models", "resnet18", "--modes", "fp32", "bf16",
+        "--image-size", "32", "--batch", "2", "--steps", "2", "--out", str(tmp_path),
+    )  # fmt: skip
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert [(r["model"], r["mode"]) for r in rows] == [("resnet18", "fp32"), ("resnet18", "bf16")]
+    for row in rows:
+        assert row["ok"], row
+        assert row["masked_nonzero"] == 0 and row["baseline_vs_reference"] == 0.0
+    assert "resnet18" in output

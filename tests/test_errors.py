@@ -119,6 +119,23 @@ def test_bad_prepare_input_changes_nothing(make_model, make_mask, kwargs, error,
     assert issubclass(error, ValueError)
 
 
+def test_a_failure_while_zeroing_the_masked_weights_changes_nothing(monkeypatch) -> None:
+    """The last step of prepare (zero masked weights, rescale) builds every multiplier before changing any weight."""
+    import tost_surgery._surgery as surgery_module
+
+    def bad_factors(entries, recipe, normalized):
+        first, second = entries[0], entries[1]
+        return {first.name: 2.0, second.name: torch.ones(3, 3, 3, 3, 3)}  # cannot broadcast: raises
+
+    monkeypatch.setattr(surgery_module, "rescale_factors", bad_factors)
+    torch.manual_seed(0)
+    model = TinyNet()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError):
+        tost.prepare(model, bernoulli_mask(model), Recipe.tost(total_steps=4))
+    assert_unchanged(model, before)
+
+
 def test_untraceable_submodule_is_named() -> None:
     class Outer(nn.Module):
         def __init__(self) -> None:

@@ -134,6 +134,22 @@ def test_a_checkpoints_masks_replace_the_prepared_ones() -> None:
         assert (dict(target.named_parameters())[name][~m] == 0).all()
 
 
+def test_after_loading_another_mask_report_and_checks_see_the_loaded_one() -> None:
+    """The surgery's record of each mask follows the buffer a checkpoint loaded, not the mask prepare got."""
+    source = prepared(mask_seed=1)
+    target = prepared(mask_seed=0)
+    target.load_state_dict(source.state_dict(), strict=True)
+    checkpoint_mask = bernoulli_mask(TinyNet(), seed=1)
+    entries = {e.name: e for e in target.tost.surgery.entries}
+    for name, m in checkpoint_mask.items():
+        assert torch.equal(entries[name].mask, m), name
+        assert entries[name].kept == int(m.sum()), name
+    rows = {row.name: row for row in tost.report(target).rows}
+    for name, m in checkpoint_mask.items():
+        assert rows[name].kept == int(m.sum()), name
+    tost.check_masks_match(target)  # one process: trivially the same, but it must read the loaded masks
+
+
 class Untraceable(nn.Module):
     """Data-dependent control flow: prepare runs it eagerly."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ._errors import MaskError
 from ._surgery import surgery_of
@@ -27,7 +26,7 @@ def check_masks_match(model: nn.Module, group: dist.ProcessGroup | None = None) 
     surgery = surgery_of(model, "check_masks_match")
     if not (dist.is_available() and dist.is_initialized()):
         return
-    masks = [_attached_mask(entry) for entry in surgery.entries]
+    masks = [entry.mask for entry in surgery.entries]
     device = masks[0].device
     local = torch.cat([m.reshape(-1) != 0 for m in masks]).to(torch.uint8)
     world = dist.get_world_size(group)
@@ -60,10 +59,3 @@ def check_masks_match(model: nn.Module, group: dist.ProcessGroup | None = None) 
             "Hint: make the mask with a fixed seed on every rank (e.g. masks.erk(model, 0.9, seed=0)), or on rank 0 "
             "and send it to the others with torch.distributed.broadcast_object_list, before prepare."
         )
-
-
-def _attached_mask(entry) -> torch.Tensor:
-    """The mask the model multiplies by now (a checkpoint may have replaced the one prepare got)."""
-    if parametrize.is_parametrized(entry.module, entry.attr):
-        return entry.module.parametrizations[entry.attr][0].mask
-    return entry.mask

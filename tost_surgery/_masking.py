@@ -44,9 +44,20 @@ class MaskEntry:
     module_name: str
     attr: str
     module: nn.Module
-    mask: torch.Tensor
+    given: torch.Tensor
+    """The validated boolean mask ``prepare`` got."""
     parameter_order: tuple[str, ...]
     """The module's parameter names in their original order, restored when detaching."""
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The boolean mask in force: the attached buffer's once attached (``load_state_dict`` may have
+        replaced it), else the one given."""
+        if parametrize.is_parametrized(self.module, self.attr):
+            for parametrization in self.module.parametrizations[self.attr]:
+                if isinstance(parametrization, MaskParametrization):
+                    return parametrization.mask != 0
+        return self.given
 
     @property
     def kept(self) -> int:
@@ -178,7 +189,7 @@ def attach_masks(entries: list[MaskEntry]) -> None:
     for entry in entries:
         weight = entry.module._parameters[entry.attr]
         # Stored in the weight's dtype: on CPU, multiplying by a bool tensor is ~8x slower.
-        mask = entry.mask.to(weight.dtype)
+        mask = entry.given.to(weight.dtype)
         parametrize.register_parametrization(entry.module, entry.attr, MaskParametrization(mask))
 
 

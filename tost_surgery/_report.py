@@ -12,10 +12,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ._errors import MaskError
-from ._masking import MaskEntry, MaskParametrization
+from ._masking import MaskEntry
 from ._modules import Scaffold
 from .masks._scope import prunable_weights
 
@@ -116,19 +115,10 @@ def report(model_or_mask: nn.Module | Mapping[str, torch.Tensor]) -> Report:
 
 def _prepared_report(model: nn.Module, scaffold: Scaffold) -> Report:
     surgery = scaffold.surgery
-    rows = [_row(entry.name, _attached_mask(entry), _scaffolding_of(entry, surgery)) for entry in surgery.entries]
+    rows = [_row(entry.name, entry.mask, _scaffolding_of(entry, surgery)) for entry in surgery.entries]
     techniques = ", ".join(sorted(surgery.active)) or "masks only"
     notes = tuple(getattr(surgery, "notes", ()))
     return _build(rows, f"{type(model).__name__} prepared ({techniques})", notes)
-
-
-def _attached_mask(entry: MaskEntry) -> torch.Tensor:
-    """The mask now in the parametrization (a loaded checkpoint may have replaced the original)."""
-    if parametrize.is_parametrized(entry.module, entry.attr):
-        for parametrization in entry.module.parametrizations[entry.attr]:
-            if isinstance(parametrization, MaskParametrization):
-                return parametrization.mask != 0
-    return entry.mask
 
 
 def _scaffolding_of(entry: MaskEntry, surgery: Any) -> str:

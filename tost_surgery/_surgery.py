@@ -196,18 +196,33 @@ def prepare(
             surgery.sync()
         else:
             model.forward = types.MethodType(_prepared_forward, model)
+        _zero_and_rescale(entries, factors, surgery)
     except BaseException:
         _undo(model, entries)
         raise
-    with torch.no_grad():
-        for entry in entries:
-            weight = original_parameter(entry)
-            weight.mul_(entry.mask)
-            factor = factors.get(entry.name)
-            if factor is not None:
-                weight.mul_(factor.to(weight.device) if isinstance(factor, torch.Tensor) else factor)
-                surgery.rescaled[entry.name] = float(torch.as_tensor(factor).float().mean())
     return model
+
+
+def _zero_and_rescale(entries: list[MaskEntry], factors: Mapping[str, torch.Tensor | float], surgery: Surgery) -> None:
+    """Zero the masked weights and apply the rescale factors, in place.
+
+    Every multiplier is built before the first weight changes, so a failure leaves the weights as they were.
+    """
+    multipliers = []
+    for entry in entries:
+        weight = original_parameter(entry)
+        multiplier = entry.given.to(weight.dtype)
+        factor = factors.get(entry.name)
+        if factor is not None:
+            multiplier = multiplier * torch.as_tensor(factor, dtype=weight.dtype, device=weight.device)
+        multipliers.append((weight, multiplier))
+    with torch.no_grad():
+        for weight, multiplier in multipliers:
+            weight.mul_(multiplier)
+    for entry in entries:
+        factor = factors.get(entry.name)
+        if factor is not None:
+            surgery.rescaled[entry.name] = float(torch.as_tensor(factor).float().mean())
 
 
 def finalize(model: nn.Module, *, force: bool = False) -> nn.Module:
