@@ -400,11 +400,13 @@ def main(argv: list[str] | None = None) -> dict:
     mask_seconds = time.perf_counter() - mask_start
 
     total_steps = args.epochs * len(batches)
-    rescale = args.init == "fan_in"
+    rescale = {"rescale_init": args.init != "none"}
+    if args.init == "gradinit":
+        rescale["rescale_rule"] = "gradinit"  # prepare rescales nothing; gradinit below learns the scales
     if args.recipe == "tost":
-        recipe = tost.Recipe.tost(total_steps=total_steps, warmup=args.warmup, rescale_init=rescale)
+        recipe = tost.Recipe.tost(total_steps=total_steps, warmup=args.warmup, **rescale)
     else:
-        recipe = tost.Recipe.baseline(rescale_init=rescale)
+        recipe = tost.Recipe.baseline(**rescale)
     tost.prepare(model, mask, recipe)
     gradinit = None
     if args.init == "gradinit":  # learned per-layer scales, from a few training batches

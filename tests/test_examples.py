@@ -253,3 +253,13 @@ def test_accelerate_hook_binds_the_unwrapped_model_to_the_inner_optimizer() -> N
         optimizer.zero_grad(set_to_none=True)
     assert model.tost.schedule.steps_taken == 2  # 7 micro-batches, a weight update every 3
     handle.remove()
+
+
+@needs_subset
+def test_train_cifar_with_learned_gradinit_scales(train_cifar, tmp_path) -> None:
+    common = ["--data", str(SUBSET), "--subset", "96", "--batch-size", "32", "--epochs", "1", "--no-progress"]
+    summary = train_cifar.main([*common, "--init", "gradinit", "--gradinit-steps", "2", "--out", str(tmp_path)])
+    log = json.loads((tmp_path / "log.json").read_text())
+    settings = log["config"]["recipe_settings"]
+    assert settings["rescale_init"] is True and settings["rescale_rule"] == "gradinit"
+    assert set(summary["gradinit_scales"]) == {"fc.weight"}  # the only ResNet-20 layer feeding no BatchNorm

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -163,7 +164,8 @@ def test_batches_are_read_lazily_and_reused(images) -> None:
     result = gradinit(model, one_shot(), steps=4)  # 12 batches drawn from the 2 given, in turn
     assert len(read) == 2 and result.steps == 4
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*images_batches(1)[0]), batch_size=2)
-    gradinit(model, loader, steps=3)  # a DataLoader is iterated again, not cached
+    with pytest.warns(TostSurgeryWarning, match="an earlier gradinit call"):
+        gradinit(model, loader, steps=3)  # a DataLoader is iterated again, not cached
 
 
 def test_report_prints_a_table_and_round_trips_to_json() -> None:
@@ -211,6 +213,77 @@ def test_a_prepared_model_uses_its_own_masks() -> None:
 def test_stacking_on_the_fan_in_rule_is_flagged() -> None:
     model = tost.prepare(TinyNet(), bernoulli_mask(TinyNet()), Recipe.tost(total_steps=20))  # conv3, fc rescaled
     fan_in = dict(model.tost.surgery.rescaled)
-    with pytest.warns(TostSurgeryWarning, match="rescale_init=False"):
+    with pytest.warns(TostSurgeryWarning, match="rescale_rule='gradinit'"):
         result = gradinit(model, images_batches(), steps=1)
     assert model.tost.surgery.rescaled["fc.weight"] == pytest.approx(fan_in["fc.weight"] * result.scales["fc.weight"])
+
+
+# ------------------------------------------------------------------ Recipe(rescale_rule="gradinit")
+
+
+def gradinit_prepared(**overrides) -> TinyNet:
+    torch.manual_seed(0)
+    model = TinyNet()
+    recipe = Recipe.tost(total_steps=20, rescale_rule="gradinit", **overrides)
+    return tost.prepare(model, bernoulli_mask(model), recipe)
+
+
+def test_the_recipe_can_choose_gradinit_over_the_fan_in_rule() -> None:
+    torch.manual_seed(0)
+    plain = TinyNet()
+    mask = bernoulli_mask(plain)
+    model = gradinit_prepared()
+    assert model.tost.surgery.rescaled == {}  # prepare applied no deterministic scale
+    for name, m in mask.items():
+        expected = dict(plain.named_parameters())[name].detach() * m
+        module_name, attr = name.rsplit(".", 1)
+        assert torch.equal(getattr(model.get_submodule(module_name), attr).detach(), expected), name
+    in_scope = set(model.tost.surgery.gradinit_layers)
+    assert in_scope == {"conv3.weight", "fc.weight"}  # the layers feeding no BatchNorm (rescale_scope)
+    result = gradinit(model, images_batches(), steps=3)
+    assert set(result.scales) == in_scope
+    assert set(model.tost.surgery.rescaled) == in_scope
+    assert bool(model.tost.gradinit_done)
+
+
+def test_rescale_scope_all_gives_gradinit_every_masked_layer() -> None:
+    model = gradinit_prepared(rescale_scope="all")
+    result = gradinit(model, images_batches(), steps=1)
+    assert set(result.scales) == {e.name for e in model.tost.surgery.entries if e.given.dim() >= 2}
+
+
+def test_training_before_gradinit_warns_once() -> None:
+    model = gradinit_prepared()
+    with pytest.warns(TostSurgeryWarning, match=r"rescale_rule='gradinit'.*2 layer\(s\)"):
+        tost.step(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tost.step(model)  # once is enough
+
+
+def test_gradinit_done_is_saved_and_a_second_call_warns() -> None:
+    model = gradinit_prepared()
+    gradinit(model, images_batches(), steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tost.step(model)  # applied: no warning
+    state = model.state_dict()
+    assert state["tost.gradinit_done"].item() is True
+    resumed = gradinit_prepared()
+    resumed.load_state_dict(state, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tost.step(resumed)  # the checkpoint's weights hold the scales
+    with pytest.warns(TostSurgeryWarning, match="already applied"):
+        gradinit(resumed, images_batches(), steps=1)
+
+
+def test_gradinit_with_no_layer_in_scope_says_which_scope() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    recipe = Recipe.baseline(rescale_init=True, rescale_rule="gradinit")
+    tost.prepare(model, {"0.weight": torch.ones(4, 3, 3, 3)}, recipe)
+    assert not hasattr(model.tost, "gradinit_done")
+    assert any("rescale_scope='unnormalized'" in note for note in model.tost.surgery.notes)
+    batches = [(torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2,)))]
+    with pytest.raises(TostSurgeryError, match="rescale_scope='all'"):
+        gradinit(model, batches, loss_fn=lambda out, y: out.mean(), steps=1)

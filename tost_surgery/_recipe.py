@@ -12,7 +12,7 @@ from ._errors import RecipeError, did_you_mean
 SoftActivation = Literal["silu", "mish", "softplus", "gelu"]
 AnnealShape = Literal["linear", "cosine"]
 SkipBranch = Literal["conv_bn", "auto"]
-RescaleRule = Literal["fan_in", "layer"]
+RescaleRule = Literal["fan_in", "layer", "gradinit"]
 RescaleScope = Literal["all", "unnormalized"]
 LabelSchedule = Literal["constant", "anneal"]
 
@@ -28,7 +28,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "soft_activation": ("silu", "mish", "softplus", "gelu"),
     "anneal": ("linear", "cosine"),
     "skip_branch": ("conv_bn", "auto"),
-    "rescale_rule": ("fan_in", "layer"),
+    "rescale_rule": ("fan_in", "layer", "gradinit"),
     "rescale_scope": ("all", "unnormalized"),
     "label_schedule": ("constant", "anneal"),
 }
@@ -82,7 +82,9 @@ class Recipe:
     rescale_init: bool = False
     """Rescale the surviving weights so each layer's output variance matches its dense init."""
     rescale_rule: RescaleRule = "fan_in"
-    """``fan_in``: per output unit, ``sqrt(fan_in / kept)``; ``layer``: ``sqrt(1 / density)``."""
+    """``fan_in``: per output unit, ``sqrt(fan_in / kept)``; ``layer``: ``sqrt(1 / density)``;
+    ``gradinit``: one learned scale per layer, from :func:`tost_surgery.init.gradinit` called after
+    ``prepare`` (which then applies none; ``step`` warns until it has run)."""
     rescale_scope: RescaleScope = "unnormalized"
     """``all`` masked conv/linear layers, or only those whose output feeds no normalization."""
 

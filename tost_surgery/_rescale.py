@@ -10,6 +10,20 @@ from torch import nn
 from ._masking import MaskEntry
 from ._recipe import Recipe
 
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def rescaled_layers(entries: list[MaskEntry], recipe: Recipe, normalized: frozenset[str]) -> list[MaskEntry]:
+    """The masked conv/linear weights inside ``recipe.rescale_scope`` (``normalized``: modules feeding a norm)."""
+    return [
+        entry
+        for entry in entries
+        if entry.attr == "weight"
+        and isinstance(entry.module, LAYER_TYPES)
+        and entry.given.dim() >= 2
+        and not (recipe.rescale_scope == "unnormalized" and entry.module_name in normalized)
+    ]
+
 
 def rescale_factors(
     entries: list[MaskEntry], recipe: Recipe, normalized: frozenset[str]
@@ -19,19 +33,14 @@ def rescale_factors(
     ``fan_in``: output unit ``j`` keeps ``k_j`` of its ``n`` inputs, so its weights are
     multiplied by ``sqrt(n / k_j)`` and its pre-activation variance is what the dense
     initialization intended. ``layer``: one factor ``sqrt(1 / density)`` per layer.
+    ``gradinit``: none here (learned later by :func:`tost_surgery.init.gradinit`).
     Layers listed in ``normalized`` (their output feeds a norm) are skipped when
     ``recipe.rescale_scope == "unnormalized"``. Returns ``{parameter name: factor}``.
     """
     factors: dict[str, torch.Tensor | float] = {}
-    if not recipe.rescale_init:
+    if not recipe.rescale_init or recipe.rescale_rule == "gradinit":
         return factors
-    for entry in entries:
-        layer_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-        is_layer_weight = entry.attr == "weight" and isinstance(entry.module, layer_types)
-        if not is_layer_weight or entry.mask.dim() < 2:
-            continue
-        if recipe.rescale_scope == "unnormalized" and entry.module_name in normalized:
-            continue
+    for entry in rescaled_layers(entries, recipe, normalized):
         if recipe.rescale_rule == "layer":
             factors[entry.name] = math.sqrt(1.0 / entry.density)
             continue

@@ -22,7 +22,7 @@ from ._fx.passes.split_norm_act import split_norm_act
 from ._masking import MaskEntry, attach_masks, detach_masks, normalize_mask, original_parameter, resolve_mask
 from ._modules import Scaffold
 from ._recipe import Recipe
-from ._rescale import rescale_factors
+from ._rescale import rescale_factors, rescaled_layers
 from ._schedule import Technique
 
 # The order in which graph passes run; each inserts one technique's scaffolding.
@@ -51,6 +51,14 @@ class Surgery:
     graphs: dict[bool, fx.Graph] = field(default_factory=dict)
     forwards: dict[bool, Callable] = field(default_factory=dict)
     bindings: dict[int, object] = field(default_factory=dict)
+    gradinit_layers: tuple[str, ...] | None = None
+    """With ``rescale_rule="gradinit"``: the masked weights gradinit learns a scale for."""
+    gradinit_warned: bool = False
+
+    def gradinit_pending(self) -> bool:
+        """The recipe asks for GradInit scales and :func:`tost_surgery.init.gradinit` has not applied them."""
+        done = getattr(self.context.scaffold, "gradinit_done", None)
+        return bool(self.gradinit_layers) and done is not None and not bool(done)
 
     @property
     def schedule(self):
@@ -187,6 +195,12 @@ def prepare(
     factors = rescale_factors(entries, recipe, normalized)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     scaffold.schedule.to(device)
+    if recipe.rescale_init and recipe.rescale_rule == "gradinit":
+        surgery.gradinit_layers = tuple(e.name for e in rescaled_layers(entries, recipe, normalized))
+        if surgery.gradinit_layers:  # saved, so a resumed run knows the scales are in the weights
+            scaffold.register_buffer("gradinit_done", torch.zeros((), dtype=torch.bool, device=device))
+        else:
+            notes.append(f"gradinit: no masked conv/linear weight in rescale_scope={recipe.rescale_scope!r}")
     scaffold.surgery = surgery
     scaffold.register_load_state_dict_post_hook(_sync_after_load)
     try:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import fx, nn
 
-from ._errors import StateError, TostSurgeryError
+from ._errors import StateError, TostSurgeryError, TostSurgeryWarning
 from ._surgery import surgery_of
 
 
@@ -22,6 +23,15 @@ def step(model: nn.Module, n: int = 1) -> None:
     surgery = surgery_of(model, "step")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise TostSurgeryError(f"step takes a positive number of optimizer steps, found n={n!r}.")
+    if surgery.gradinit_pending() and not surgery.gradinit_warned:
+        surgery.gradinit_warned = True
+        warnings.warn(
+            f"{type(model).__name__} was prepared with rescale_rule='gradinit', but training started before "
+            f"tost_surgery.init.gradinit applied its scales to {len(surgery.gradinit_layers)} layer(s).\n"
+            "Hint: call tost_surgery.init.gradinit(model, batches) after prepare and before the first step.",
+            TostSurgeryWarning,
+            stacklevel=2,
+        )
     surgery.schedule.advance(n)
     if surgery.active:
         surgery.sync()

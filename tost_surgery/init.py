@@ -1,10 +1,12 @@
 """Layer-wise rescaled initialization (LRsI), learned form: GradInit scales for masked layers.
 
-The deterministic fan-in rule runs inside :func:`tost_surgery.prepare` (``Recipe.rescale_init``).
-The learned form needs data, so it is a step of its own, after ``prepare``:
+The deterministic rules run inside :func:`tost_surgery.prepare` (``Recipe.rescale_init``). The
+learned form needs data, so it is a step of its own, after ``prepare`` with
+``rescale_rule="gradinit"`` (which then rescales nothing itself):
 
 Example:
-    >>> model = tost.prepare(model, mask, tost.Recipe.tost(total_steps=N, rescale_init=False))
+    >>> recipe = tost.Recipe.tost(total_steps=N, rescale_rule="gradinit")
+    >>> model = tost.prepare(model, mask, recipe)
     >>> result = tost.init.gradinit(model, itertools.islice(loader, 8))
     >>> print(result)          # one learned scale per masked layer, objective before / after
 """
@@ -151,8 +153,10 @@ def gradinit(
     masked weights at the end (exact zeros stay zero): its other parameters, BatchNorm running
     statistics, mode and schedule are as before, and the search draws nothing from the global
     RNGs (reading ``batches`` may: a shuffling DataLoader draws its order). Call it after
-    ``prepare`` and before training. Do not stack it on the fan-in rule (a :class:`TostSurgeryWarning`
-    says when it does): prepare with ``Recipe.tost(total_steps=N, rescale_init=False)``.
+    ``prepare`` and before training. With ``Recipe(rescale_rule="gradinit")`` it learns the layers of
+    ``rescale_scope`` and marks the scales applied (saved in ``state_dict``); on a model prepared
+    with another recipe it learns every masked conv/linear weight. A :class:`TostSurgeryWarning` says
+    when it stacks on scales already applied (a deterministic rule, or a first call).
 
     Args:
         model: a model prepared by :func:`tost_surgery.prepare` (its masks are used), or a plain
@@ -210,6 +214,9 @@ def gradinit(
             original_parameter(entry).mul_(alpha.to(original_parameter(entry).dtype))
             if surgery is not None:
                 surgery.rescaled[entry.name] = surgery.rescaled.get(entry.name, 1.0) * float(alpha)
+        done = getattr(getattr(model, "tost", None), "gradinit_done", None)
+        if isinstance(done, torch.Tensor):
+            done.fill_(True)
     return GradInitReport(
         layers=tuple(LayerScale(e.name, float(a), e.density) for e, a in zip(layers, learned)),
         objective_before=before[0],
@@ -307,10 +314,20 @@ def _masked_layers(model: nn.Module, mask: object) -> tuple[list[MaskEntry], lis
             )
         surgery = scaffold.surgery
         entries = surgery.entries
-        if surgery.context.recipe.rescale_init and surgery.rescaled:
+        if surgery.gradinit_layers and not surgery.gradinit_pending():
             warnings.warn(
-                f"gradinit stacks on the rescaling prepare already applied to {sorted(surgery.rescaled)}.\n"
-                "Hint: prepare with Recipe.tost(total_steps=N, rescale_init=False) to use the learned scales alone.",
+                f"gradinit already applied its scales to {type(model).__name__} (model.tost.gradinit_done): "
+                "this call multiplies new ones into them.\nHint: call it once, after prepare.",
+                TostSurgeryWarning,
+                stacklevel=3,
+            )
+        elif surgery.gradinit_layers is None and surgery.rescaled:
+            recipe = surgery.context.recipe
+            by = f"prepare's {recipe.rescale_rule} rule" if recipe.rescale_init else "an earlier gradinit call"
+            warnings.warn(
+                f"gradinit stacks on the scales {by} already applied to {sorted(surgery.rescaled)}.\n"
+                "Hint: prepare with Recipe.tost(total_steps=N, rescale_rule='gradinit') to use the learned "
+                "scales alone.",
                 TostSurgeryWarning,
                 stacklevel=3,
             )
@@ -323,6 +340,15 @@ def _masked_layers(model: nn.Module, mask: object) -> tuple[list[MaskEntry], lis
         surgery = None
         entries = normalize_mask(model, resolve_mask(model, mask))
     layers = [e for e in entries if e.attr == "weight" and isinstance(e.module, _LAYER_TYPES)]
+    if surgery is not None and surgery.gradinit_layers is not None:
+        scope = set(surgery.gradinit_layers)
+        layers = [e for e in layers if e.name in scope]
+        if not layers:
+            raise TostSurgeryError(
+                f"gradinit has no layer to scale: no masked conv/linear weight of {type(model).__name__} is in "
+                f"rescale_scope={surgery.context.recipe.rescale_scope!r}.\n"
+                "Hint: prepare with rescale_scope='all' to learn a scale for every masked layer."
+            )
     if not layers:
         raise TostSurgeryError(
             "gradinit learns one scale per masked Conv1d/2d/3d or Linear weight, but the mask covers none.\n"
