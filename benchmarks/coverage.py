@@ -1,6 +1,7 @@
 """Coverage sweep: the ToST round trip on every torchvision and timm classification model.
 
-For each model, in its own subprocess (one thread, a wall-time limit), this script builds the
+For each model, in its own process (one thread, a wall-time limit; forked from a server that
+imported torch, torchvision and timm once, so a model costs no start-up), this script builds the
 model (no pretrained weights), picks an input (batch 2; 64x64 when the model accepts it, else
 its own size), makes an ERK mask at 90% sparsity, and then:
 
@@ -34,15 +35,17 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import copy
 import csv
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import platform
+import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -548,6 +551,28 @@ def worker_main(args: argparse.Namespace) -> None:
     Worker(args.worker, Path(args.result), args).run()
 
 
+PRELOAD = ["torch", "torchvision", "timm", "tost_surgery"]
+"""Imported once by the fork server; every model process starts from that state."""
+
+
+def _noop() -> None:
+    pass
+
+
+def _child_main(args: argparse.Namespace, errlog: str) -> None:
+    """Entry of a model process (forked by the server): own session, stderr to ``errlog``, one thread."""
+    os.setsid()  # the driver kills the whole group on timeout
+    err = os.open(errlog, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(err, 2)
+    out = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(out, 1)
+    warnings.simplefilter("ignore")
+    import torch
+
+    torch.set_num_threads(1)
+    worker_main(args)
+
+
 # --------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------
@@ -567,6 +592,15 @@ class Driver:
         self.lock = threading.Lock()
         self.done = 0
         self.unknown = 0
+        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+        os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(PRELOAD)
+        warm = self.context.Process(target=_noop)  # start the server now, outside every model's time limit
+        warm.start()
+        warm.join()
 
     def append(self, row: dict) -> None:
         with self.lock:
@@ -582,25 +616,17 @@ class Driver:
     def run_one(self, key: str, tmpdir: Path) -> dict:
         result = tmpdir / (key.replace(":", "__").replace("/", "_") + ".json")
         errlog = result.with_suffix(".err")
-        cmd = [
-            sys.executable, str(Path(__file__).resolve()), "--worker", key, "--result", str(result),
-            "--timeout", str(self.args.timeout), "--max-params", str(self.args.max_params),
-            "--max-mem-gb", str(self.args.max_mem_gb),
-        ]  # fmt: skip
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        child_args = argparse.Namespace(**{**vars(self.args), "worker": key, "result": str(result)})
         started = time.perf_counter()
         timed_out = False
-        with errlog.open("wb") as err:
-            proc = subprocess.Popen(
-                cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env, start_new_session=True
-            )
-            try:
-                proc.wait(timeout=self.args.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                proc.kill()
-                proc.wait()
+        proc = self.context.Process(target=_child_main, args=(child_args, str(errlog)))
+        proc.start()
+        proc.join(self.args.timeout)
+        if proc.is_alive():
+            timed_out = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.join()
         wall = round(time.perf_counter() - started, 2)
         source, _, name = key.partition(":")
         row = {c: "" for c in COLUMNS}
@@ -620,8 +646,8 @@ class Driver:
                 row.update(status="failed", failure=reason, round_trip_ok=row.get("round_trip_ok") or False)
         elif not row.get("status"):
             tail = errlog.read_text(errors="replace").strip().splitlines()[-1:] if errlog.exists() else []
-            reason = f"worker died in {stage} (exit {proc.returncode})" + (f": {tail[0][:200]}" if tail else "")
-            killed = proc.returncode in (-9, 137)
+            reason = f"worker died in {stage} (exit {proc.exitcode})" + (f": {tail[0][:200]}" if tail else "")
+            killed = proc.exitcode in (-9, 137)
             if killed:  # SIGKILL from the kernel's OOM killer (the machine's memory is shared)
                 row.update(status="not buildable", failure=reason + " (SIGKILL: out of memory?)", round_trip_ok="")
             else:
@@ -728,7 +754,7 @@ def write_report(csv_path: Path, md_path: Path, args: argparse.Namespace) -> Non
         "Command: `.venv/bin/python benchmarks/coverage.py --jobs 1` (resumable; "
         "`--report` regenerates this file from the CSV).",
         "",
-        f"Per model, in its own subprocess with a wall-time limit: build (no pretrained weights), batch 2 at "
+        f"Per model, in its own process with a wall-time limit: build (no pretrained weights), batch 2 at "
         f"{SMALL_SIZE}x{SMALL_SIZE} when the model runs at it (else its own input size), "
         f"ERK mask at {SPARSITY:.0%} sparsity, `prepare` with `Recipe.tost(total_steps=4, warmup=0.5)`, two SGD "
         "steps with `bind`, `step(model, 2)`, then the checks: (a) same object and class, (b) masked weights "
@@ -846,7 +872,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", metavar="NAME", help="models to run: NAME, tv:NAME or timm:NAME")
     p.add_argument("--source", choices=("tv", "timm", "all"), default="all")
     p.add_argument("--limit", type=int, help="run at most N models not yet in the CSV")
-    p.add_argument("--jobs", type=int, default=1, help="parallel subprocesses (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel model processes (default 1)")
     p.add_argument("--timeout", type=float, default=240.0, help="wall-time limit per model, seconds (default 240)")
     p.add_argument("--max-params", type=float, default=1.5e9, help="skip (not buildable) models above this")
     p.add_argument("--max-mem-gb", type=float, default=12.0, help="memory per model process, GiB (0: no limit)")

@@ -46,3 +46,13 @@ def test_coverage_two_resnets(tmp_path: Path) -> None:
     assert again.returncode == 0 and "running 0" in again.stdout, again.stdout + again.stderr
     with (tmp_path / "coverage.csv").open(newline="") as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_coverage_a_model_over_its_time_limit_gets_a_row_that_says_where(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(SCRIPT), "--only", "tv:resnet18", "--timeout", "0.02", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with (tmp_path / "coverage.csv").open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["failure"].startswith("timeout (0.02 s) in "), row  # killed while building: the stage is named
+    assert row["status"] in ("not buildable", "failed") and float(row["wall_s"]) < 30, row
