@@ -119,13 +119,28 @@ class RunKey:
 
 
 RECIPE_DEFAULTS = {f.name: f.default for f in fields(tost.Recipe) if f.default is not MISSING}
+BEFORE_ADDED = {"skip_pointwise": True}
+"""What a field added to Recipe later was, in effect, before it existed (when it differs from today's default)."""
+SETTINGS_OF = {
+    # switch -> the fields that only matter while it is on
+    "ghost_neurons": ("soft_activation", "neuron_warmup", "neuron_relu6"),
+    "ghost_skips": ("skip_branch", "skip_init", "skip_pointwise", "skip_linear", "skip_warmup"),
+    "rescale_init": ("rescale_rule", "rescale_scope"),
+}
 
 
 def recipe_fields(recipe: dict[str, Any]) -> dict[str, Any]:
-    """Recipe fields without ``total_steps``; fields added to Recipe after a record was written take
-    their defaults, which keep the old behaviour."""
-    filled = {**RECIPE_DEFAULTS, **recipe}
+    """The fields that decide a run, in canonical form: without ``total_steps``, without the
+    settings of a technique that is off, and with fields a record predates filled in as they
+    behaved then."""
+    filled = {**RECIPE_DEFAULTS, **BEFORE_ADDED, **recipe}
     filled.pop("total_steps", None)
+    for switch, settings in SETTINGS_OF.items():
+        if not filled[switch]:
+            for name in settings:
+                filled.pop(name)
+    if not filled["label_smoothing"]:
+        filled.pop("label_schedule")
     return filled
 
 
@@ -142,7 +157,9 @@ def record_id(record: dict[str, Any]) -> str:
 def labels_of(record: dict[str, Any]) -> list[tuple[str, str]]:
     """Every (variant, overrides JSON) whose Recipe is, with today's defaults, the one the record used.
 
-    Empty for a stale record (its variant's Recipe has changed since).
+    A record whose own name means another Recipe today (a default changed since) is labelled by its
+    variant and the overrides that give back the Recipe it used, e.g. ``tost`` with
+    ``{"skip_pointwise": true}``.
     """
     used = recipe_fields(record["recipe"])
     key = record["key"]
@@ -150,6 +167,11 @@ def labels_of(record: dict[str, Any]) -> list[tuple[str, str]]:
     own = (key["variant"], json.dumps(key["overrides"], sort_keys=True))
     if own not in labels and recipe_fields(recipe_for(own[0], 1, key["overrides"]).to_dict()) == used:
         labels.append(own)
+    if not labels:
+        now = recipe_fields(recipe_for(key["variant"], 1, key["overrides"]).to_dict())
+        diff = {**key["overrides"], **{k: v for k, v in used.items() if now.get(k) != v}}
+        if recipe_fields(recipe_for(key["variant"], 1, diff).to_dict()) == used:
+            labels.append((key["variant"], json.dumps(diff, sort_keys=True)))
     return labels
 
 

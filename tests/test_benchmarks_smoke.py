@@ -117,8 +117,14 @@ def test_accuracy_runs_are_identified_by_their_recipe() -> None:
     # A field the record predates takes its default; a default that changed since makes it stale.
     older = {**record, "recipe": {k: v for k, v in record["recipe"].items() if k != "skip_pointwise"}}
     assert accuracy.record_id(older) == no_skips.id
-    stale = {**record, "recipe": {**record["recipe"], "warmup": record["recipe"]["warmup"] + 0.1}}
-    assert accuracy.labels_of(stale) == [] and accuracy.record_id(stale) != no_skips.id
+    # A record made before a default changed is reported under the overrides that give its Recipe back.
+    warmup = record["recipe"]["warmup"] + 0.1
+    stale = {**record, "recipe": {**record["recipe"], "warmup": warmup}}
+    assert accuracy.labels_of(stale) == [("no_skips", json.dumps({"warmup": warmup}))]
+    assert accuracy.record_id(stale) != no_skips.id
+    # Settings of a technique that is off do not make another run.
+    baseline = accuracy.RunKey(variant="baseline", **common)
+    assert baseline.id == accuracy.RunKey(variant="baseline", overrides=(("skip_init", 0.5),), **common).id
 
 
 def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:

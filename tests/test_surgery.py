@@ -457,7 +457,7 @@ def test_untraceable_block_is_called_whole_with_a_warning(images) -> None:
         def __init__(self) -> None:
             super().__init__()
             self.block = DataDependentBlock()
-            self.head = nn.Conv2d(3, 2, 1)
+            self.head = nn.Conv2d(3, 2, 3, padding=1)
             self.relu = nn.ReLU()
 
         def forward(self, x):

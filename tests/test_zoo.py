@@ -50,32 +50,45 @@ class Spec:
     """Whether train mode is stochastic (dropout with p > 0 somewhere)."""
     relu6: int = 0
     """ReLU6 call sites, ghost neurons only with ``Recipe(neuron_relu6=True)``."""
+    pointwise: int = 0
+    """Of the Conv2d call sites, the 1x1 ``groups=1`` ones: ghost skips only with ``skip_pointwise=True``."""
 
 
 # The expected counts are derived by hand from each architecture; the test also re-derives them
 # by hooking an eager forward (``_eager_counts``), so the hand numbers and the hooks must agree.
 SPECS: dict[str, Spec] = {
-    # BasicBlock x 8: stem conv + 2 convs per block + 3 downsample 1x1 convs = 20 Conv2d;
+    # BasicBlock x 8: stem conv + 2 convs per block + 3 downsample 1x1 convs = 20 Conv2d (3 pointwise);
     # ReLU: stem + 2 calls of each block's (shared) self.relu = 17.
-    "tv_resnet18": Spec("torchvision", lambda tv: tv.models.resnet18(weights=None), 17, 20, False),
+    "tv_resnet18": Spec("torchvision", lambda tv: tv.models.resnet18(weights=None), 17, 20, False, pointwise=3),
     # ReLU6 everywhere, no ReLU: 0 ghost neurons by default. Conv2d: stem 1 + first block (t=1:
     # depthwise, project) 2 + 16 blocks x (expand, depthwise, project) 48 + final 1x1 1 = 52.
     # ReLU6 (ghosted with neuron_relu6=True): stem 1 + first block 1 + 16 x (expand, dw) 32 + final 1 = 35.
+    # Pointwise: first block's project 1 + 16 x (expand, project) 32 + final 1 = 34.
     # The classifier has nn.Dropout(0.2).
-    "tv_mobilenet_v2": Spec("torchvision", lambda tv: tv.models.mobilenet_v2(weights=None), 0, 52, True, 35),
+    "tv_mobilenet_v2": Spec("torchvision", lambda tv: tv.models.mobilenet_v2(weights=None), 0, 52, True, 35, 34),
     # 8 conv-BN-ReLU in features + 2 ReLU in the classifier = 10 ReLU; 8 Conv2d. nn.Dropout(0.5) x 2.
     "tv_vgg11_bn": Spec("torchvision", lambda tv: tv.models.vgg11_bn(weights=None), 10, 8, True),
     # Same layout as torchvision's resnet18 (act_layer nn.ReLU, conv+BN downsample).
-    "timm_resnet18": Spec("timm", lambda timm: timm.create_model("resnet18", pretrained=False), 17, 20, False),
+    "timm_resnet18": Spec(
+        "timm", lambda timm: timm.create_model("resnet18", pretrained=False), 17, 20, False, pointwise=3
+    ),
     # SiLU everywhere -> 0 ReLU. Conv2d: stem 1 + DepthwiseSeparable (dw, se.reduce, se.expand, pw) 4
-    # + 15 InvertedResidual x (pw, dw, se.reduce, se.expand, pwl) 75 + conv_head 1 = 81.
+    # + 15 InvertedResidual x (pw, dw, se.reduce, se.expand, pwl) 75 + conv_head 1 = 81; all but the
+    # stem and the 16 depthwise convs are pointwise: 3 + 15 x 4 + 1 = 64.
     # drop_rate=0.5: timm's forward_head calls F.dropout(training=self.training), baked in by tracing.
     "timm_efficientnet_b0": Spec(
-        "timm", lambda timm: timm.create_model("efficientnet_b0", pretrained=False, drop_rate=0.5), 0, 81, True
+        "timm",
+        lambda timm: timm.create_model("efficientnet_b0", pretrained=False, drop_rate=0.5),
+        0,
+        81,
+        True,
+        pointwise=64,
     ),
     # GELU -> 0 ReLU. Conv2d: stem 1 + 3 downsample + 12 blocks x (conv_dw + conv_mlp fc1, fc2: atto
-    # uses conv_mlp=True, so its MLP is two 1x1 convs) 36 = 40.
-    "timm_convnext_atto": Spec("timm", lambda timm: timm.create_model("convnext_atto", pretrained=False), 0, 40, False),
+    # uses conv_mlp=True, so its MLP is two 1x1 convs) 36 = 40, of which 24 pointwise (the MLPs).
+    "timm_convnext_atto": Spec(
+        "timm", lambda timm: timm.create_model("convnext_atto", pretrained=False), 0, 40, False, pointwise=24
+    ),
     # GELU -> 0 ReLU; the only Conv2d is patch_embed.proj. attn_drop_rate makes the fused attention's
     # dropout_p depend on self.training (baked in by tracing), drop_rate adds the head's nn.Dropout.
     "timm_vit_tiny": Spec(
@@ -211,8 +224,13 @@ class _ActivationCalls(TorchFunctionMode):
         return bounds.get("min_val", -1.0), bounds.get("max_val", 1.0)
 
 
-def _eager_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(ReLU calls, ReLU6 calls, Conv2d calls, distinct Conv2d modules called) of one eager eval forward."""
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return tuple(conv.kernel_size) == (1, 1) and conv.groups == 1
+
+
+def _eager_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """(ReLU calls, ReLU6 calls, Conv2d calls, distinct Conv2d modules called, and both again for the
+    pointwise convs) of one eager eval forward."""
     called: list[nn.Module] = []
     handles = [
         m.register_forward_hook(lambda m, i, o: called.append(m)) for m in model.modules() if isinstance(m, nn.Conv2d)
@@ -226,7 +244,15 @@ def _eager_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int, int
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return activations.relu, activations.relu6, len(called), len({id(m) for m in called})
+    pointwise = [m for m in called if _is_pointwise(m)]
+    return (
+        activations.relu,
+        activations.relu6,
+        len(called),
+        len({id(m) for m in called}),
+        len(pointwise),
+        len({id(m) for m in pointwise}),
+    )
 
 
 def _prepare_traced(model: nn.Module, mask: dict[str, torch.Tensor], recipe: tost.Recipe) -> nn.Module:
@@ -348,9 +374,14 @@ def test_structure_and_retirement(zoo, x):
     spec = SPECS[name]
     cls = type(model)
     pristine = _pristine(name)[0]  # read only (hooks are removed, flags restored)
-    relu_calls, relu6_calls, conv_calls, conv_modules = _eager_counts(pristine, x)
+    relu_calls, relu6_calls, conv_calls, conv_modules, pointwise_calls, pointwise_modules = _eager_counts(pristine, x)
     # The hand-derived counts (SPECS) and the hooks of an eager forward agree.
-    assert (relu_calls, relu6_calls, conv_calls) == (spec.neurons, spec.relu6, spec.skips)
+    assert (relu_calls, relu6_calls, conv_calls, pointwise_calls) == (
+        spec.neurons,
+        spec.relu6,
+        spec.skips,
+        spec.pointwise,
+    )
     if name in ("tv_resnet18", "timm_resnet18"):
         assert (spec.neurons, spec.skips) == (17, 20)
 
@@ -358,7 +389,7 @@ def test_structure_and_retirement(zoo, x):
     modules = list(model.modules())
     flags = [m.training for m in modules]
 
-    prepared = _prepare_traced(model, mask, tost.Recipe.tost(total_steps=4))
+    prepared = _prepare_traced(model, mask, tost.Recipe.tost(total_steps=4, skip_pointwise=True))  # every site
     assert prepared is model
     assert type(model) is cls and isinstance(model, cls)
     assert [m.training for m in modules] == flags  # tracing in both modes left the flags alone
@@ -392,11 +423,17 @@ def test_structure_and_retirement(zoo, x):
     _assert_same(_eval_out(model, x), expected)
     torch.testing.assert_close(_eval_out(model, x), expected, rtol=0, atol=0)  # in fact bit for bit
 
+    # The default recipe leaves the pointwise convs without a branch (it would be a dense copy of the layer).
+    default = _prepare_traced(copy.deepcopy(pristine), mask, tost.Recipe.tost(total_steps=4))
+    for training in (True, False):
+        assert _ghost_counts(default, training) == (spec.neurons, spec.skips - spec.pointwise)
+    assert len(default.tost.skips) == conv_modules - pointwise_modules
+
     if spec.relu6:
         # Opt-in: ReLU6 sites become ghost neurons too (lerp of soft(x) and relu6(x)).
         relu6_model = _prepare_traced(copy.deepcopy(pristine), mask, tost.Recipe.tost(total_steps=4, neuron_relu6=True))
         for training in (True, False):
-            assert _ghost_counts(relu6_model, training) == (spec.neurons + spec.relu6, spec.skips)
+            assert _ghost_counts(relu6_model, training) == (spec.neurons + spec.relu6, spec.skips - spec.pointwise)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,10 +70,10 @@ class Recipe:
     channels match (cheaper; an unnormalized identity compounds the variance with depth)."""
     skip_init: float = 1e-4
     """Constant the branch's 1x1 conv weights are filled with (the paper's code: 1e-4)."""
-    skip_pointwise: bool = True
-    """Also a branch beside 1x1 convs with ``groups=1``, where the 1x1 branch is a dense copy of
-    the layer and costs as much (mobilenet_v2 warm-up step: 1.84x masks only with them, 1.48x
-    without). The default keeps the paper's recipe until the benchmarks decide."""
+    skip_pointwise: bool = False
+    """Also a branch beside 1x1 convs with ``groups=1``. Off by default: there the 1x1 branch is a
+    dense copy of the layer (DESIGN: never) and costs as much; with it on, a mobilenet_v2 warm-up
+    step cost 1.84x a masks-only step, and 1.31-1.35x without (``benchmarks/RESULTS.md``)."""
     skip_linear: bool = False
     """Also an identity skip around each ``nn.Linear`` with ``in_features == out_features``."""
     skip_warmup: float | None = None
