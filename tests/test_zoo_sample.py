@@ -86,7 +86,7 @@ def test_round_trip(source: str, name: str, kwargs: dict, size: int) -> None:
     with torch.no_grad():
         torch.testing.assert_close(first_tensor(baseline(x)), first_tensor(reference(x)), rtol=1e-5, atol=1e-5)
 
-    tost.prepare(model, mask, tost.Recipe.tost(total_steps=4, warmup=0.5))
+    tost.prepare(model, mask, tost.Recipe.tost(total_steps=4, warmup=0.5, skip_pointwise=True))
     # Adam's step is bounded: with batch 2 at these input sizes many BatchNorms see 2 values, and
     # the paper's 1e-4-filled skip branch gets 1e4x gradients, which SGD would turn into overflow.
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
