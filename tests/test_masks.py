@@ -406,3 +406,15 @@ def test_empty_scope_after_filters(maker) -> None:
         maker(small_cnn(), 0.5, seed=0, include=["nothing.*"])
     with pytest.raises(MaskError):
         maker(small_cnn(), 0.5, seed=0, exclude=[nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear])
+
+
+def test_random_masks_are_the_same_as_with_int64_permutations() -> None:
+    """The layerwise draw uses int32 indices; the masks must be those of int64 ``randperm`` (seeded runs stay put)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(40, 30))
+    mask = random(model, 0.9, seed=5)
+    generator = torch.Generator().manual_seed(5)
+    for name, weight in prunable_weights(model).items():
+        keep = torch.randperm(weight.numel(), generator=generator)[: int(mask[name].sum())]
+        expected = torch.zeros(weight.numel(), dtype=torch.bool)
+        expected[keep] = True
+        assert torch.equal(mask[name], expected.view(weight.shape)), name

@@ -88,7 +88,9 @@ def _sample(weights: dict[str, torch.Tensor], counts: dict[str, int], seed: int 
         generator.manual_seed(seed)
     masks = {}
     for name, weight in weights.items():
-        keep = torch.randperm(weight.numel(), generator=generator)[: counts[name]]
+        # int32 draws the same permutation as int64, faster and in half the memory.
+        index = torch.int32 if weight.numel() < 2**31 else torch.int64
+        keep = torch.randperm(weight.numel(), generator=generator, dtype=index)[: counts[name]]
         mask = torch.zeros(weight.numel(), dtype=torch.bool)
         mask[keep] = True
         masks[name] = mask.view(weight.shape).to(weight.device)
