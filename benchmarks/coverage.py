@@ -443,13 +443,28 @@ class Worker:
                 errors.append(f"{'x'.join(map(str, size[1:]))}: {describe(error)}")
                 continue
             finally:
-                with torch.no_grad():  # undo running-stat updates
-                    for k, v in model.named_buffers():
-                        v.copy_(buffers[k])
+                restore_buffers(model, buffers)  # undo running-stat updates and cached buffers
                 model.train()
             self.row["input_size"] = "x".join(map(str, size[1:]))
             return x, forward_s
         raise RuntimeError("eager forward fails at every size tried: " + " | ".join(errors))
+
+
+def restore_buffers(model, saved: dict) -> None:
+    """Put every buffer back as it was: values copied in place, and a buffer the forward replaced
+    (a cache such as timm ConViT's ``rel_indices``, resized to the input) set back to its old tensor."""
+    import torch
+
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            for name, value in list(module._buffers.items()):
+                key = f"{module_name}.{name}" if module_name else name
+                if key not in saved or value is None:
+                    continue
+                if value.shape == saved[key].shape:
+                    value.copy_(saved[key])
+                else:
+                    module._buffers[name] = saved[key].clone()
 
 
 def tensors(output) -> list:

@@ -56,3 +56,34 @@ def test_coverage_a_model_over_its_time_limit_gets_a_row_that_says_where(tmp_pat
         (row,) = list(csv.DictReader(f))
     assert row["failure"].startswith("timeout (0.02 s) in "), row  # killed while building: the stage is named
     assert row["status"] in ("not buildable", "failed") and float(row["wall_s"]) < 30, row
+
+
+def test_coverage_restores_a_buffer_the_forward_replaced() -> None:
+    """timm's ConViT caches ``rel_indices`` (a buffer) resized to the input: the restore must not
+    copy the old (1, 1, 1, 3) zeros into the new tensor, leaving a wrong cache of the right shape."""
+    import importlib.util
+
+    import torch
+    from torch import nn
+
+    spec = importlib.util.spec_from_file_location("coverage_under_test", SCRIPT)
+    coverage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(coverage)
+
+    class Cached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+            self.register_buffer("cache", torch.zeros(1, 3), persistent=False)
+
+        def forward(self, x):
+            if self.cache.shape[0] != x.shape[0]:
+                self.cache = torch.arange(x.numel(), dtype=x.dtype).view_as(x)
+            return self.bn(x) + self.cache
+
+    model = Cached()
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    model(torch.randn(4, 3))
+    coverage.restore_buffers(model, saved)
+    assert model.cache.shape == (1, 3) and torch.equal(model.bn.running_mean, torch.zeros(3))
+    assert torch.equal(model(torch.ones(4, 3)) - model.bn(torch.ones(4, 3)), torch.arange(12.0).view(4, 3))
