@@ -53,7 +53,8 @@ class Surgery:
     bindings: dict[int, object] = field(default_factory=dict)
     gradinit_layers: tuple[str, ...] | None = None
     """With ``rescale_rule="gradinit"``: the masked weights gradinit learns a scale for."""
-    gradinit_warned: bool = False
+    gradinit_checked: bool = False
+    """Whether ``step`` has looked for GradInit scales still to apply (it does so once)."""
 
     def gradinit_pending(self) -> bool:
         """The recipe asks for GradInit scales and :func:`tost_surgery.init.gradinit` has not applied them."""

@@ -23,18 +23,23 @@ def step(model: nn.Module, n: int = 1) -> None:
     surgery = surgery_of(model, "step")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise TostSurgeryError(f"step takes a positive number of optimizer steps, found n={n!r}.")
-    if surgery.gradinit_pending() and not surgery.gradinit_warned:
-        surgery.gradinit_warned = True
-        warnings.warn(
-            f"{type(model).__name__} was prepared with rescale_rule='gradinit', but training started before "
-            f"tost_surgery.init.gradinit applied its scales to {len(surgery.gradinit_layers)} layer(s).\n"
-            "Hint: call tost_surgery.init.gradinit(model, batches) after prepare and before the first step.",
-            TostSurgeryWarning,
-            stacklevel=2,
-        )
+    if not surgery.gradinit_checked:  # once, at the first step: no per-step read of a device flag
+        surgery.gradinit_checked = True
+        if surgery.gradinit_pending():
+            _warn_gradinit_pending(model, surgery)
     surgery.schedule.advance(n)
     if surgery.active:
         surgery.sync()
+
+
+def _warn_gradinit_pending(model: nn.Module, surgery) -> None:
+    warnings.warn(
+        f"{type(model).__name__} was prepared with rescale_rule='gradinit', but training started before "
+        f"tost_surgery.init.gradinit applied its scales to {len(surgery.gradinit_layers)} layer(s).\n"
+        "Hint: call tost_surgery.init.gradinit(model, batches) after prepare and before the first step.",
+        TostSurgeryWarning,
+        stacklevel=3,
+    )
 
 
 class BindHandle:
