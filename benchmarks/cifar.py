@@ -12,6 +12,7 @@ two runs with the same seed see the same batches on any device.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from cifar_models import BasicBlock  # noqa: E402  (1x1 conv-BN shortcuts: the prototype's "option B" block)
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
 SPLIT_SEED = 0
 """The train/val split is the same whatever the run's seed, so runs with different seeds compare."""
@@ -31,32 +35,14 @@ SPLIT_SEED = 0
 # --------------------------------------------------------------------------- model
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN, ReLU between and after the sum; a 1x1 conv-BN shortcut when the shape changes.
-
-    Deliberately not ``examples/cifar_models.py`` (parameter-free "option A" shortcuts): this is
-    the prototype's network in ``../shared/EXPERIMENTS.md`` (0.27M parameters), so the grid's
-    numbers compare with it, and the finished runs in ``results/accuracy.jsonl`` used it.
-    """
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
 class ResNetCifar(nn.Module):
-    """He et al.'s CIFAR ResNet (6n+2 layers): 16-32-64 channels, global average pool, linear head."""
+    """He et al.'s CIFAR ResNet (6n+2 layers): 16-32-64 channels, global average pool, linear head.
+
+    Deliberately not ``examples/cifar_models.py``'s ResNet-20 (parameter-free "option A" shortcuts):
+    its blocks have 1x1 conv-BN shortcuts, like the prototype's network in ``../shared/EXPERIMENTS.md``
+    (0.27M parameters), so the grid's numbers compare with it, and the runs in ``results/accuracy.jsonl``
+    used it.
+    """
 
     def __init__(self, blocks_per_stage: int = 3, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()

@@ -28,16 +28,27 @@ class ShortcutA(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.extra_channels - half))
 
 
-class CifarBasicBlock(nn.Module):
-    """conv3x3-BN-ReLU, conv3x3-BN, plus the shortcut, then ReLU."""
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU, conv3x3-BN, plus the shortcut, then ReLU.
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+    When the shape changes the shortcut is a 1x1 conv-BN (``"conv"``, ResNet-18's, "option B"),
+    or strided subsampling with zero channels appended (``"a"``, the CIFAR ResNets' "option A").
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str = "conv") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = ShortcutA(c_out - c_in) if stride != 1 or c_in != c_out else nn.Identity()
+        self.shortcut: nn.Module = nn.Identity() if shortcut == "a" else nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            if shortcut == "a":
+                self.shortcut = ShortcutA(c_out - c_in)
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -59,7 +70,7 @@ class CifarResNet(nn.Module):
         for index, c_out in enumerate((16, 32, 64)):
             blocks = []
             for block in range(blocks_per_stage):
-                blocks.append(CifarBasicBlock(c_in, c_out, stride=2 if index > 0 and block == 0 else 1))
+                blocks.append(BasicBlock(c_in, c_out, stride=2 if index > 0 and block == 0 else 1, shortcut="a"))
                 c_in = c_out
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
@@ -75,25 +86,6 @@ class CifarResNet(nn.Module):
 
 
 # --------------------------------------------------------------------------- ResNet-18, CIFAR variant
-
-
-class BasicBlock(nn.Module):
-    """ResNet-18's block, with a 1x1 conv-BN shortcut when the shape changes."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
 
 
 class ResNet18(nn.Module):
