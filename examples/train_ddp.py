@@ -26,6 +26,7 @@ Synthetic data (a fixed random teacher labels random images): nothing is downloa
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 from pathlib import Path
@@ -169,8 +170,11 @@ def main(argv: list[str] | None = None) -> None:
             torch.save(model.state_dict(), args.out)
             SmallCNN().load_state_dict(torch.load(args.out), strict=True)
             print(f"saved the finalized state_dict to {args.out} (loads strictly into SmallCNN)", flush=True)
-    # Wait for rank 0 before tearing down: a rank that destroys its group while a peer still
-    # works can abort in gloo's teardown ("terminate called without an active exception").
+    # Tear down while the interpreter is fully alive: free the DDP wrappers (the one replaced at
+    # retirement may sit in a reference cycle), wait for rank 0, then destroy the group. A wrapper
+    # left to interpreter finalization can abort in gloo ("terminate called without an active exception").
+    del ddp
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
