@@ -2,8 +2,9 @@
 
 For each model, in its own process (one thread, a wall-time limit; forked from a server that
 imported torch, torchvision and timm once, so a model costs no start-up), this script builds the
-model (no pretrained weights), picks an input (batch 2; 64x64 when the model accepts it, else
-its own size), makes an ERK mask at 90% sparsity, and then:
+model (no pretrained weights), picks an input (batch 2; 64x64 when the model accepts it; a timm
+model with a fixed input size is built with ``img_size=64`` where it takes that, else it runs
+at its own size), makes an ERK mask at 90% sparsity, and then:
 
 * ``tost.prepare(model, mask, Recipe.tost(total_steps=4, warmup=0.5, skip_pointwise=True))`` (timed;
   every conv site gets a ghost skip, 1x1 ones included);
@@ -150,6 +151,7 @@ class Worker:
         self.source, _, self.name = key.partition(":")
         self.path = result_path
         self.args = args
+        self.build_kwargs: dict[str, object] = {}
         self.row: dict[str, object] = {c: "" for c in COLUMNS}
         self.row.update(source=self.source, model=self.name, stage="start")
         self.started = time.perf_counter()
@@ -184,12 +186,39 @@ class Worker:
         else:
             import timm
 
-            build = lambda: timm.create_model(self.name, pretrained=False)  # noqa: E731
+            build = lambda: timm.create_model(self.name, pretrained=False, **self.build_kwargs)  # noqa: E731
         if device is not None:
             with torch.device(device):
                 return build()
         torch.manual_seed(0)
         return build()
+
+    def fixed_size(self) -> bool:
+        """Whether timm says the model runs only at its own input size (position embeddings etc.)."""
+        if self.source != "timm":
+            return False
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(self.name)
+        return bool(cfg is not None and cfg.fixed_input_size)
+
+    def build_small(self):
+        """A fixed-size timm model built for SMALL_SIZE inputs (``img_size=``), or None where that fails.
+
+        Such models (ViTs, Swin, CaiT, ...) take ``img_size`` and size their position tables to
+        it; the layers prepare sees are the same, at a fraction of the forward cost of 224-518.
+        """
+        self.build_kwargs = {"img_size": SMALL_SIZE}
+        try:
+            model = self.create()
+            x, forward_s = self.probe(model, (3, SMALL_SIZE, SMALL_SIZE))
+        except Exception as error:  # noqa: BLE001 - fall back to the model's own size
+            if is_oom(error):
+                raise
+            self.build_kwargs = {}
+            return None
+        self.row["input_size"] = f"{SMALL_SIZE}x{SMALL_SIZE} (img_size={SMALL_SIZE})"
+        return model, x, forward_s
 
     def input_sizes(self, model) -> list[tuple[int, int, int]]:
         """Sizes to try, in order: 64x64 unless the model needs a fixed size, then its own size(s)."""
@@ -265,7 +294,8 @@ class Worker:
                 return
 
         self.stage("build")
-        model = self.create()
+        small = self.build_small() if self.fixed_size() else None
+        model = small[0] if small else self.create()
         params = sum(p.numel() for p in model.parameters())
         self.row["params"] = params
         if params > self.args.max_params:
@@ -273,7 +303,7 @@ class Worker:
             return
 
         self.stage("input")
-        x, forward_s = self.pick_input(model)
+        x, forward_s = small[1:] if small else self.pick_input(model)
         budget = self.args.timeout / FORWARDS_NEEDED
         if forward_s > budget:
             self.not_buildable(
@@ -424,30 +454,41 @@ class Worker:
         """The input to use (64x64 when the model runs at it) and one eval forward's time."""
         import torch
 
-        sizes = self.input_sizes(model)
-        buffers = {k: v.clone() for k, v in model.named_buffers()}
         errors = []
-        for size in sizes:
-            x = torch.randn(2, *size, generator=torch.Generator().manual_seed(1))
+        for size in self.input_sizes(model):
             try:
-                with torch.no_grad():
-                    model.eval()
-                    t0 = time.perf_counter()
-                    model(x)
-                    forward_s = time.perf_counter() - t0
-                    model.train()
-                    model(x)  # train mode too (batch statistics, dropout paths)
+                x, forward_s = self.probe(model, size)
             except Exception as error:  # noqa: BLE001
                 if is_oom(error):
                     raise
                 errors.append(f"{'x'.join(map(str, size[1:]))}: {describe(error)}")
                 continue
-            finally:
-                restore_buffers(model, buffers)  # undo running-stat updates and cached buffers
-                model.train()
             self.row["input_size"] = "x".join(map(str, size[1:]))
             return x, forward_s
         raise RuntimeError("eager forward fails at every size tried: " + " | ".join(errors))
+
+    @staticmethod
+    def probe(model, size: tuple[int, int, int]):
+        """A batch-2 input of ``size`` and one eval forward's time; train mode must run too.
+
+        The model's buffers are restored afterwards (running statistics, caches a forward fills).
+        """
+        import torch
+
+        x = torch.randn(2, *size, generator=torch.Generator().manual_seed(1))
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        try:
+            with torch.no_grad():
+                model.eval()
+                t0 = time.perf_counter()
+                model(x)
+                forward_s = time.perf_counter() - t0
+                model.train()
+                model(x)  # train mode too (batch statistics, dropout paths)
+        finally:
+            restore_buffers(model, buffers)
+            model.train()
+        return x, forward_s
 
 
 def restore_buffers(model, saved: dict) -> None:
