@@ -812,7 +812,9 @@ def write_report(csv_path: Path, md_path: Path, args: argparse.Namespace) -> Non
         "`--report` regenerates this file from the CSV).",
         "",
         f"Per model, in its own process with a wall-time limit: build (no pretrained weights), batch 2 at "
-        f"{SMALL_SIZE}x{SMALL_SIZE} when the model runs at it (else its own input size), "
+        f"{SMALL_SIZE}x{SMALL_SIZE} when the model runs at it (a timm model with a fixed input size is built "
+        f"with `img_size={SMALL_SIZE}` where its constructor takes that: the `input_size` column says "
+        f"`(img_size={SMALL_SIZE})`; else it runs at its own input size), "
         f"ERK mask at {SPARSITY:.0%} sparsity, `prepare` with "
         "`Recipe.tost(total_steps=4, warmup=0.5, skip_pointwise=True)` (a ghost skip at every conv), two SGD "
         "steps with `bind`, `step(model, 2)`, then the checks: (a) same object and class, (b) masked weights "
