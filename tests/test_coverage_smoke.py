@@ -48,6 +48,50 @@ def test_coverage_two_resnets(tmp_path: Path) -> None:
         assert len(list(csv.DictReader(f))) == 2
 
 
+def _load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("coverage_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_coverage_builds_a_fixed_size_timm_model_small(tmp_path: Path) -> None:
+    """test_vit declares a fixed 160x160 input; the sweep builds it with img_size=64 and runs at 64x64."""
+    cmd = [sys.executable, str(SCRIPT), "--only", "timm:test_vit", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with (tmp_path / "coverage.csv").open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["input_size"] == "64x64 (img_size=64)", row
+    assert row["round_trip_ok"] == "True" and row["baseline_exact"] == "True" and row["status"] == "ok", row
+    assert "img_size=64" in (tmp_path / "COVERAGE.md").read_text()
+
+
+def test_coverage_falls_back_to_the_own_size_when_img_size_is_refused(tmp_path: Path) -> None:
+    coverage = _load_script()
+    args = coverage.parse_args(["--only", "timm:test_vit"])
+    worker = coverage.Worker("timm:test_vit", tmp_path / "row.json", args)
+    assert worker.fixed_size()
+    real_create = coverage.Worker.create
+
+    def refusing(self, device=None):
+        if self.build_kwargs:
+            raise TypeError("__init__() got an unexpected keyword argument 'img_size'")
+        return real_create(self, device)
+
+    coverage.Worker.create = refusing
+    try:
+        assert worker.build_small() is None
+        assert worker.build_kwargs == {}
+        model = worker.create()
+        x, _ = worker.pick_input(model)
+    finally:
+        coverage.Worker.create = real_create
+    assert tuple(x.shape) == (2, 3, 160, 160) and worker.row["input_size"] == "160x160"
+
+
 def test_coverage_a_model_over_its_time_limit_gets_a_row_that_says_where(tmp_path: Path) -> None:
     cmd = [sys.executable, str(SCRIPT), "--only", "tv:resnet18", "--timeout", "0.02", "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
@@ -61,14 +105,10 @@ def test_coverage_a_model_over_its_time_limit_gets_a_row_that_says_where(tmp_pat
 def test_coverage_restores_a_buffer_the_forward_replaced() -> None:
     """timm's ConViT caches ``rel_indices`` (a buffer) resized to the input: the restore must not
     copy the old (1, 1, 1, 3) zeros into the new tensor, leaving a wrong cache of the right shape."""
-    import importlib.util
-
     import torch
     from torch import nn
 
-    spec = importlib.util.spec_from_file_location("coverage_under_test", SCRIPT)
-    coverage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(coverage)
+    coverage = _load_script()
 
     class Cached(nn.Module):
         def __init__(self) -> None:
