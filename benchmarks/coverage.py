@@ -452,7 +452,6 @@ class Worker:
 
     def pick_input(self, model):
         """The input to use (64x64 when the model runs at it) and one eval forward's time."""
-        import torch
 
         errors = []
         for size in self.input_sizes(model):
