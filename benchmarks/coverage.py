@@ -645,6 +645,7 @@ class Driver:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.csv_path = args.out / "coverage.csv"
+        self.claims = args.out / "coverage.claims"
         self.lock = threading.Lock()
         self.done = 0
         self.unknown = 0
@@ -669,7 +670,42 @@ class Driver:
                 f.flush()
                 os.fsync(f.fileno())
 
-    def run_one(self, key: str, tmpdir: Path) -> dict:
+    # -- claims: several drivers may share one CSV (e.g. one with --reverse), each model runs once
+    def claim(self, key: str) -> bool:
+        """Take ``key`` for this driver unless it has a row or a live driver holds it."""
+        if key in {f"{r['source']}:{r['model']}" for r in read_rows(self.csv_path)} and not self.args.retry:
+            return False
+        self.claims.mkdir(parents=True, exist_ok=True)
+        path = self.claims / (key.replace(":", "__").replace("/", "_") + ".pid")
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                try:
+                    holder = int(path.read_text() or 0)
+                    os.kill(holder, 0)  # alive: another driver runs it
+                    return False
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    path.unlink(missing_ok=True)  # a driver that died left it: take it over
+                    continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def release(self, key: str) -> None:
+        (self.claims / (key.replace(":", "__").replace("/", "_") + ".pid")).unlink(missing_ok=True)
+
+    def run_one(self, key: str, tmpdir: Path) -> dict | None:
+        if not self.claim(key):
+            return None
+        try:
+            return self._run_one(key, tmpdir)
+        except BaseException:
+            self.release(key)
+            raise
+
+    def _run_one(self, key: str, tmpdir: Path) -> dict:
         result = tmpdir / (key.replace(":", "__").replace("/", "_") + ".json")
         errlog = result.with_suffix(".err")
         child_args = argparse.Namespace(**{**vars(self.args), "worker": key, "result": str(result)})
@@ -730,6 +766,8 @@ class Driver:
                 rows = kept
         done = {f"{r['source']}:{r['model']}" for r in rows}
         pending = [k for k in keys if k not in done]
+        if self.args.reverse:
+            pending.reverse()
         if self.args.limit is not None:
             pending = pending[: self.args.limit]
         total = len(pending)
@@ -745,11 +783,16 @@ class Driver:
                 futures = {pool.submit(self.run_one, key, tmpdir): key for key in pending}
                 for future in concurrent.futures.as_completed(futures):
                     row = future.result()
+                    if row is None:  # another driver ran it or runs it now
+                        total -= 1
+                        continue
                     if row["status"] == "unknown":
                         print(f"error: {row['failure']} (not recorded)", file=sys.stderr, flush=True)
                         self.unknown += 1
+                        self.release(futures[future])
                         continue
                     self.append(row)
+                    self.release(futures[future])
                     self.done += 1
                     elapsed = time.perf_counter() - started
                     eta = elapsed / self.done * (total - self.done)
@@ -897,7 +940,9 @@ def write_report(csv_path: Path, md_path: Path, args: argparse.Namespace) -> Non
         f"## Not buildable on this machine ({len(broken)}, excluded from the denominators)",
         "",
         "A model is listed here when its build or its plain eager forward fails (at 64x64 and at its own size), "
-        f"when it has more than `--max-params` parameters (counted on the meta device), when one eval forward "
+        f"when it has more than `--max-params` parameters (counted on the meta device; "
+        f"{args.max_params / 1e6:.0f}M in this sweep's last run: the first rows were run with 1.5e9, and every model "
+        "above 600M that was built, 632M to 1.2B parameters, ran out of memory or time), when one eval forward "
         f"takes more than 1/{FORWARDS_NEEDED} of the time limit, when building it times out, or when it runs out "
         "of memory (`--max-mem-gb` per process, or killed by the kernel) at any stage; the stage says where.",
         "",
@@ -933,9 +978,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="run at most N models not yet in the CSV")
     p.add_argument("--jobs", type=int, default=1, help="parallel model processes (default 1)")
     p.add_argument("--timeout", type=float, default=240.0, help="wall-time limit per model, seconds (default 240)")
-    p.add_argument("--max-params", type=float, default=1.5e9, help="skip (not buildable) models above this")
+    p.add_argument("--max-params", type=float, default=6e8, help="skip (not buildable) models above this; every "
+                   "model above 600M that the first sweep built ran out of 12 GiB or out of time")  # fmt: skip
     p.add_argument("--max-mem-gb", type=float, default=12.0, help="memory per model process, GiB (0: no limit)")
     p.add_argument("--order", choices=("mixed", "name"), default="mixed", help="run order (mixed: stable shuffle)")
+    p.add_argument("--reverse", action="store_true", help="run in reverse order (a second driver on the same CSV "
+                   "meets the first in the middle; models another driver holds are skipped)")  # fmt: skip
     p.add_argument("--retry", action="store_true", help="re-run selected models that already have a row")
     p.add_argument("--report", action="store_true", help="only regenerate the Markdown from the CSV")
     p.add_argument("--out", type=Path, help="directory for coverage.csv and COVERAGE.md (default: benchmarks/results "
