@@ -127,3 +127,29 @@ def test_coverage_restores_a_buffer_the_forward_replaced() -> None:
     coverage.restore_buffers(model, saved)
     assert model.cache.shape == (1, 3) and torch.equal(model.bn.running_mean, torch.zeros(3))
     assert torch.equal(model(torch.ones(4, 3)) - model.bn(torch.ones(4, 3)), torch.arange(12.0).view(4, 3))
+
+
+def test_coverage_claims_let_two_drivers_share_a_csv(tmp_path: Path) -> None:
+    """A model with a row, or held by a live driver, is not claimed; a dead driver's claim is taken over."""
+    import argparse
+    import os
+
+    coverage = _load_script()
+    driver = object.__new__(coverage.Driver)  # no fork server needed for the bookkeeping
+    driver.args = argparse.Namespace(retry=False)
+    driver.csv_path = tmp_path / "coverage.csv"
+    driver.claims = tmp_path / "coverage.claims"
+    driver.csv_path.write_text("source,model\ntv,resnet18\n")
+
+    assert not driver.claim("tv:resnet18")  # already has a row
+    assert driver.claim("timm:resnet18")
+    assert (driver.claims / "timm__resnet18.pid").read_text() == str(os.getpid())
+    assert not driver.claim("timm:resnet18")  # held by a live driver (this process)
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (driver.claims / "tv__alexnet.pid").write_text(dead.stdout.strip())
+    assert driver.claim("tv:alexnet")  # its holder has exited: taken over
+    assert (driver.claims / "tv__alexnet.pid").read_text() == str(os.getpid())
+
+    driver.release("timm:resnet18")
+    assert not (driver.claims / "timm__resnet18.pid").exists()
