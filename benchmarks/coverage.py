@@ -85,6 +85,8 @@ COLUMNS = [
 
 SPARSITY = 0.9
 SMALL_SIZE = 64
+SMALL_ALTERNATIVES = (56, 96, 112)
+"""Tried after 64x64 fails, before the model's own (often 384-768) size: multiples of 14 and 48."""
 BASELINE_MAX_PARAMS = 100_000_000
 # Forward-pass equivalents the checks need (probe, reference, 2 train steps, evals, baseline):
 # a model whose one eval forward takes longer than timeout / FORWARDS_NEEDED cannot finish.
@@ -221,7 +223,8 @@ class Worker:
         return model, x, forward_s
 
     def input_sizes(self, model) -> list[tuple[int, int, int]]:
-        """Sizes to try, in order: 64x64 unless the model needs a fixed size, then its own size(s)."""
+        """Sizes to try, in order: 64x64 (then 56, 96, 112: patch 14, pooling 48) unless the model
+        needs a fixed size, then its own size(s)."""
         if self.source == "timm":
             cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
             size = tuple(int(v) for v in cfg.get("input_size") or (3, 224, 224))
@@ -240,7 +243,7 @@ class Worker:
                 pass
             own = [(3, s, s) for s in own]
             fixed = False
-        sizes = [] if fixed else [(own[0][0], SMALL_SIZE, SMALL_SIZE)]
+        sizes = [] if fixed else [(own[0][0], side, side) for side in (SMALL_SIZE, *SMALL_ALTERNATIVES)]
         for size in own:
             if size not in sizes:
                 sizes.append(size)
@@ -854,7 +857,8 @@ def write_report(csv_path: Path, md_path: Path, args: argparse.Namespace) -> Non
         "`--report` regenerates this file from the CSV).",
         "",
         f"Per model, in its own process with a wall-time limit: build (no pretrained weights), batch 2 at "
-        f"{SMALL_SIZE}x{SMALL_SIZE} when the model runs at it (a timm model with a fixed input size is built "
+        f"{SMALL_SIZE}x{SMALL_SIZE} when the model runs at it (else the first of "
+        f"{', '.join(map(str, SMALL_ALTERNATIVES))} that runs; a timm model with a fixed input size is built "
         f"with `img_size={SMALL_SIZE}` where its constructor takes that: the `input_size` column says "
         f"`(img_size={SMALL_SIZE})`; else it runs at its own input size), "
         f"ERK mask at {SPARSITY:.0%} sparsity, `prepare` with "

@@ -153,3 +153,26 @@ def test_coverage_claims_let_two_drivers_share_a_csv(tmp_path: Path) -> None:
 
     driver.release("timm:resnet18")
     assert not (driver.claims / "timm__resnet18.pid").exists()
+
+
+def test_coverage_tries_small_multiples_of_14_and_48_before_the_own_size(tmp_path: Path) -> None:
+    """A patch-14 model refuses 64x64; the sweep runs it at 56x56, not at its (slow) own size."""
+    import torch
+    from torch import nn
+
+    coverage = _load_script()
+
+    class Patch14(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 14, stride=14)
+
+        def forward(self, x):
+            if x.shape[-1] % 14:
+                raise AssertionError(f"Input height ({x.shape[-1]}) should be divisible by patch size (14).")
+            return self.embed(x).mean((2, 3))
+
+    worker = coverage.Worker("tv:patch14_test_model", tmp_path / "row.json", coverage.parse_args([]))
+    x, _ = worker.pick_input(Patch14())
+    assert tuple(x.shape) == (2, 3, 56, 56) and worker.row["input_size"] == "56x56"
+    assert torch.isfinite(Patch14()(x)).all()
