@@ -205,22 +205,32 @@ class Worker:
         return bool(cfg is not None and cfg.fixed_input_size)
 
     def build_small(self):
-        """A fixed-size timm model built for SMALL_SIZE inputs (``img_size=``), or None where that fails.
+        """A fixed-size timm model built for small inputs (``img_size=``), or None where that fails.
 
         Such models (ViTs, Swin, CaiT, ...) take ``img_size`` and size their position tables to
         it; the layers prepare sees are the same, at a fraction of the forward cost of 224-518.
+        Tries 64, then 56, 96 and 112 (patch 14, pooling 48); stops at a constructor that refuses
+        ``img_size``.
         """
-        self.build_kwargs = {"img_size": SMALL_SIZE}
-        try:
-            model = self.create()
-            x, forward_s = self.probe(model, (3, SMALL_SIZE, SMALL_SIZE))
-        except Exception as error:  # noqa: BLE001 - fall back to the model's own size
-            if is_oom(error):
-                raise
-            self.build_kwargs = {}
-            return None
-        self.row["input_size"] = f"{SMALL_SIZE}x{SMALL_SIZE} (img_size={SMALL_SIZE})"
-        return model, x, forward_s
+        for side in (SMALL_SIZE, *SMALL_ALTERNATIVES):
+            self.build_kwargs = {"img_size": side}
+            try:
+                model = self.create()
+            except Exception as error:  # noqa: BLE001 - no img_size here: the model's own size
+                if is_oom(error):
+                    raise
+                break
+            try:
+                x, forward_s = self.probe(model, (3, side, side))
+            except Exception as error:  # noqa: BLE001 - try the next size
+                if is_oom(error):
+                    raise
+                del model
+                continue
+            self.row["input_size"] = f"{side}x{side} (img_size={side})"
+            return model, x, forward_s
+        self.build_kwargs = {}
+        return None
 
     def input_sizes(self, model) -> list[tuple[int, int, int]]:
         """Sizes to try, in order: 64x64 (then 56, 96, 112: patch 14, pooling 48) unless the model
