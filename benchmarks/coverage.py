@@ -864,7 +864,9 @@ def write_report(csv_path: Path, md_path: Path, args: argparse.Namespace) -> Non
         f"({platform.processor() or platform.machine()}, Python {platform.python_version()}).",
         "",
         "Command: `.venv/bin/python benchmarks/coverage.py --jobs 1` (resumable; "
-        "`--report` regenerates this file from the CSV).",
+        "`--report` regenerates this file from the CSV). Rows re-run with other flags: torchvision's "
+        "vit_h_14 and regnet_y_128gf, above 600M parameters, with `--only tv:vit_h_14 tv:regnet_y_128gf "
+        "--retry --max-params 7e8 --max-mem-gb 19 --timeout 600`.",
         "",
         f"Per model, in its own process with a wall-time limit: build (no pretrained weights), batch 2 at "
         f"{SMALL_SIZE}x{SMALL_SIZE} when the model runs at it (else the first of "
