@@ -465,7 +465,6 @@ class Worker:
 
     def pick_input(self, model):
         """The input to use (64x64 when the model runs at it) and one eval forward's time."""
-
         errors = []
         for size in self.input_sizes(model):
             try:
@@ -647,6 +646,11 @@ def _child_main(args: argparse.Namespace, errlog: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def file_stem(key: str) -> str:
+    """A file name for ``source:name`` (claims, result files)."""
+    return key.replace(":", "__").replace("/", "_")
+
+
 def read_rows(csv_path: Path) -> list[dict[str, str]]:
     if not csv_path.exists():
         return []
@@ -689,7 +693,7 @@ class Driver:
         if key in {f"{r['source']}:{r['model']}" for r in read_rows(self.csv_path)} and not self.args.retry:
             return False
         self.claims.mkdir(parents=True, exist_ok=True)
-        path = self.claims / (key.replace(":", "__").replace("/", "_") + ".pid")
+        path = self.claims / (file_stem(key) + ".pid")
         for _ in range(2):
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
@@ -707,7 +711,7 @@ class Driver:
         return False
 
     def release(self, key: str) -> None:
-        (self.claims / (key.replace(":", "__").replace("/", "_") + ".pid")).unlink(missing_ok=True)
+        (self.claims / (file_stem(key) + ".pid")).unlink(missing_ok=True)
 
     def run_one(self, key: str, tmpdir: Path) -> dict | None:
         if not self.claim(key):
@@ -719,7 +723,7 @@ class Driver:
             raise
 
     def _run_one(self, key: str, tmpdir: Path) -> dict:
-        result = tmpdir / (key.replace(":", "__").replace("/", "_") + ".json")
+        result = tmpdir / (file_stem(key) + ".json")
         errlog = result.with_suffix(".err")
         child_args = argparse.Namespace(**{**vars(self.args), "worker": key, "result": str(result)})
         started = time.perf_counter()
