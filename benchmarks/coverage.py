@@ -239,7 +239,7 @@ class Worker:
             cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
             size = tuple(int(v) for v in cfg.get("input_size") or (3, 224, 224))
             own = [size]
-            fixed = bool(cfg.get("fixed_input_size", False))
+            fixed = self.fixed_size()
         else:  # torchvision: 224, else the model's image_size (ViT), else its weights' crop size
             import torchvision
 
