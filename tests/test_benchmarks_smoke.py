@@ -60,6 +60,9 @@ def test_accuracy_smoke(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "accuracy.json").read_text())
     main = next(r for r in report["main"] if r["mask"] == "erk" and r["sparsity"] == 0.9)
     assert main["paired"] == 1 and set(main) >= {"baseline", "tost", "gain", "verdict"}
+    (pooled,) = report["pooled"]
+    assert pooled["pairs"] == 1 and pooled["gain"]["mean"] == pytest.approx(main["gain"]["mean"])
+    assert "| sparsity | masks | pairs | gain | ToST beats default? |" in markdown
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
