@@ -676,7 +676,8 @@ def build_report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                 "verdict": _verdict(gains),
             }
         )
-    for mask in masks:
+    ablated = [m for m in masks if any(_cell(test, m, ABLATION_SPARSITY, v, "test_acc") for v in ABLATION_VARIANTS)]
+    for mask in ablated:  # the masks the ablation was run for
         base = _cell(test, mask, ABLATION_SPARSITY, "baseline", "test_acc")
         for variant in ("baseline", *ABLATION_VARIANTS, "tost"):
             values = _cell(test, mask, ABLATION_SPARSITY, variant, "test_acc")
@@ -776,6 +777,8 @@ def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
         "| mask | variant | test acc | gain vs default | seeds |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
+    if not report["ablation"]:
+        lines.append("| - | no ablation run yet | | | |")
     for row in report["ablation"]:
         gain = "" if row["variant"] == "baseline" else _pct(row["gain"]["mean"], row["gain"]["std"], 0, signed=True)
         lines.append(
