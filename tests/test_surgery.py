@@ -557,4 +557,4 @@ def test_skip_pointwise_off_leaves_1x1_convs_without_a_branch() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, groups=8))
     tost.prepare(model, bernoulli_mask(model), Recipe.tost(total_steps=4, skip_pointwise=False))
     assert count_targets(model, torch.addcmul) == 1  # only the depthwise 3x3
-    assert [s.branch for s in model.tost.skips.values()] == ["conv_bn"]
+    assert [s.branch for s in model.tost.skips.values()] == ["bn"]  # auto: channels match

@@ -101,7 +101,7 @@ def test_scaffold_parameters_are_exactly_the_parameters_under_model_tost() -> No
     model = prepared(Recipe.tost(total_steps=10))
     scaffold = scaffold_parameters(model)
     expected = [p for name, p in model.named_parameters() if name.startswith("tost.")]
-    assert len(scaffold) == len(expected) == 9  # three ghost skips: a 1x1 conv and a BatchNorm each
+    assert len(scaffold) == len(expected) == 8  # 3 ghost skips: two 1x1 conv + BatchNorm, one BatchNorm (8 -> 8)
     assert all(a is b for a, b in zip(scaffold, expected))
     assert scaffold_parameters(model) == scaffold  # stable order
     assert scaffold_parameters(prepared(Recipe.baseline())) == []

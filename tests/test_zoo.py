@@ -395,7 +395,7 @@ def test_structure_and_retirement(zoo, x):
     assert [m.training for m in modules] == flags  # tracing in both modes left the flags alone
     for training in (True, False):
         assert _ghost_counts(model, training) == (spec.neurons, spec.skips), f"training={training}"
-    # conv_bn branches: one ghost module per conv module. The model keeps its own parameters (no
+    # One ghost module per conv module. The model keeps its own parameters (no
     # copies), and every parameter prepare added lives under model.tost.
     assert len(model.tost.skips) == conv_modules
     params_now = {id(p) for p in model.parameters()}

@@ -65,11 +65,13 @@ class Recipe:
 
     ghost_skips: bool = False
     """Add ``a * branch(x)`` from each Conv2d's input to its (norm's) output, ``a`` 1 -> 0."""
-    skip_branch: SkipBranch = "conv_bn"
-    """``conv_bn``: the paper's 1x1 conv + BatchNorm; ``auto``: a BatchNorm of the input where
-    channels match (cheaper; an unnormalized identity compounds the variance with depth)."""
+    skip_branch: SkipBranch = "auto"
+    """``auto``: a BatchNorm of the input where a conv keeps its channel count, else the 1x1 conv +
+    BatchNorm (an unnormalized identity would compound the variance with depth); ``conv_bn``: the
+    paper's 1x1 conv + BatchNorm everywhere. ``auto`` measured as good on validation at 90-98%
+    sparsity and cheaper (``benchmarks/RESULTS.md``)."""
     skip_init: float = 1e-4
-    """Constant the branch's 1x1 conv weights are filled with (the paper's code: 1e-4)."""
+    """Constant the 1x1 conv weights of a ``conv_bn`` branch are filled with (the paper's code: 1e-4)."""
     skip_pointwise: bool = False
     """Also a branch beside 1x1 convs with ``groups=1``. Off by default: there the 1x1 branch is a
     dense copy of the layer (DESIGN: never) and costs as much; with it on, a mobilenet_v2 warm-up
