@@ -164,7 +164,10 @@ def labels_of(record: dict[str, Any]) -> list[tuple[str, str]]:
     used = recipe_fields(record["recipe"])
     key = record["key"]
     labels = [(v, "{}") for v in VARIANTS if recipe_fields(recipe_for(v, 1, {}).to_dict()) == used]
-    own = (key["variant"], json.dumps(key["overrides"], sort_keys=True))
+    # Overrides a default has since caught up with name nothing: ``--set skip_branch=auto`` is ``tost`` today.
+    plain = recipe_for(key["variant"], 1, {}).to_dict()
+    needed = {k: v for k, v in key["overrides"].items() if plain.get(k) != v}
+    own = (key["variant"], json.dumps(needed, sort_keys=True))
     if own not in labels and recipe_fields(recipe_for(own[0], 1, key["overrides"]).to_dict()) == used:
         labels.append(own)
     if not labels:

@@ -125,6 +125,10 @@ def test_accuracy_runs_are_identified_by_their_recipe() -> None:
     stale = {**record, "recipe": {**record["recipe"], "warmup": warmup}}
     assert accuracy.labels_of(stale) == [("no_skips", json.dumps({"warmup": warmup}))]
     assert accuracy.record_id(stale) != no_skips.id
+    # Overrides that today's defaults equal are dropped from the label: no row of ToST against itself.
+    tost_key = accuracy.RunKey(variant="tost", overrides=(("warmup", accuracy.RECIPE_DEFAULTS["warmup"]),), **common)
+    same_as_tost = {"key": tost_key.to_dict(), "recipe": {**tost_key.recipe(), "total_steps": 720}}
+    assert accuracy.labels_of(same_as_tost) == [("tost", "{}")]
     # Settings of a technique that is off do not make another run.
     baseline = accuracy.RunKey(variant="baseline", **common)
     assert baseline.id == accuracy.RunKey(variant="baseline", overrides=(("skip_init", 0.5),), **common).id
