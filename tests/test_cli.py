@@ -30,6 +30,12 @@ def test_plan_leaves_the_model_untouched(tiny) -> None:
     assert result.scaffold_params == sum(p.numel() for p in tost.prepare(tiny, bernoulli_mask(tiny),
                                          tost.Recipe.tost(total_steps=10)).tost.parameters())
     assert "ghost skip" in str(result)
+    # Each skip names its branch: conv2 keeps its 8 channels, so skip_branch="auto" gives it a BatchNorm.
+    assert [site.rsplit(" ", 1)[-1] for site in result.ghost_skips] == ["(conv1x1+bn)", "(bn)", "(conv1x1+bn)"]
+    fresh = TinyNet()
+    conv_bn = tost.plan(fresh, bernoulli_mask(fresh), tost.Recipe.tost(total_steps=10, skip_branch="conv_bn"),
+                        input_size=(3, 16, 16))
+    assert all(site.endswith("(conv1x1+bn)") for site in conv_bn.ghost_skips)
 
 
 def test_plan_torchvision_resnet18(capsys) -> None:

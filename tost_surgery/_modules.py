@@ -99,11 +99,16 @@ class GhostSkip(nn.Module):
         (oh, ow), (sh, sw) = [o + b for o, b in zip(offset, before)], self.stride
         return x[..., oh : oh + (lengths[0] - 1) * sh + 1 : sh, ow : ow + (lengths[1] - 1) * sw + 1 : sw]
 
+    @property
+    def kind(self) -> str:
+        """What the branch computes, in words: ``conv1x1+bn``, ``per-channel scale+bn``, ``bn``, ``identity``."""
+        if self.per_channel:
+            return "per-channel scale+bn"
+        return {"conv_bn": "conv1x1+bn", "bn": "bn", "identity": "identity"}[self.branch]
+
     def extra_repr(self) -> str:
-        kind = {"conv_bn": "conv1x1+bn", "bn": "bn", "identity": "identity"}[self.branch]
-        kind = "per-channel scale+bn" if self.per_channel else kind
         padding = ", dynamic_same" if self.dynamic_same else ""
-        return f"{kind}, stride={self.stride}, aligned={self.is_aligned}{padding}"
+        return f"{self.kind}, stride={self.stride}, aligned={self.is_aligned}{padding}"
 
 
 class Scaffold(nn.Module):

@@ -47,7 +47,11 @@ def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
             ghost = x if branch is None else _tagged(graph.call_module(branch, (x,)))
             out = _tagged(graph.call_function(torch.addcmul, (target, scale, ghost)))
         landing = target.target if target.op == "call_module" else target.name
-        out.meta[SITE] = f"{node.target} -> {landing} via {branch or 'identity'}"
+        if branch is None:
+            via = "identity"
+        else:
+            via = f"{branch} ({context.scaffold.get_submodule(branch.removeprefix('tost.')).kind})"
+        out.meta[SITE] = f"{node.target} -> {landing} via {via}"
         for user in users:
             user.replace_input_with(target, out)
 
