@@ -99,9 +99,9 @@ def test_prepared_model_rows_show_scaffolding(tiny: TinyNet) -> None:
     assert_rows_add_up(result)
     scaffolding = {row.name: row.scaffolding for row in result.rows}
     assert scaffolding == {
-        "conv1.weight": f"ghost skip tost_skip_0, rescaled x{rescaled['conv1.weight']:.2f}",
+        "conv1.weight": f"ghost skip tost_skip_0 (conv1x1+bn), rescaled x{rescaled['conv1.weight']:.2f}",
         "conv2.weight": f"ghost skip tost_skip_1 (bn), rescaled x{rescaled['conv2.weight']:.2f}",
-        "conv3.weight": f"ghost skip tost_skip_2, rescaled x{rescaled['conv3.weight']:.2f}",
+        "conv3.weight": f"ghost skip tost_skip_2 (conv1x1+bn), rescaled x{rescaled['conv3.weight']:.2f}",
         "fc.weight": f"rescaled x{rescaled['fc.weight']:.2f}",
     }
     assert [(r.name, r.kept) for r in result.rows] == [(r.name, r.kept) for r in report(mask).rows]

@@ -130,9 +130,8 @@ def _scaffolding_of(entry: MaskEntry, surgery: Any) -> str:
         if target is None:
             parts.append("identity skip" + retired)
         else:
-            branch = surgery.context.scaffold.get_submodule(target.removeprefix("tost.")).branch
-            kind = "" if branch == "conv_bn" else f" ({branch})"
-            parts.append(f"ghost skip {target.rsplit('.', 1)[-1]}{kind}{retired}")
+            kind = surgery.context.scaffold.get_submodule(target.removeprefix("tost.")).kind
+            parts.append(f"ghost skip {target.rsplit('.', 1)[-1]} ({kind}){retired}")
     elif entry.attr == "weight" and _has_linear_skip(entry, surgery):
         parts.append("identity skip" + retired)
     factor = surgery.rescaled.get(entry.name)
