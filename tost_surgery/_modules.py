@@ -134,3 +134,7 @@ class Scaffold(nn.Module):
         name = f"tost_skip_{len(self.skips)}"
         self.skips[name] = skip
         return f"tost.skips.{name}"
+
+    def skip_at(self, target: str) -> GhostSkip:
+        """The skip :meth:`add_skip` registered under graph target ``target``."""
+        return self.skips[target.rsplit(".", 1)[-1]]

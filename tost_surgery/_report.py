@@ -130,7 +130,7 @@ def _scaffolding_of(entry: MaskEntry, surgery: Any) -> str:
         if target is None:
             parts.append("identity skip" + retired)
         else:
-            kind = surgery.context.scaffold.get_submodule(target.removeprefix("tost.")).kind
+            kind = surgery.context.scaffold.skip_at(target).kind
             parts.append(f"ghost skip {target.rsplit('.', 1)[-1]} ({kind}){retired}")
     elif entry.attr == "weight" and _has_linear_skip(entry, surgery):
         parts.append("identity skip" + retired)

@@ -50,7 +50,7 @@ def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
         if branch is None:
             via = "identity"
         else:
-            via = f"{branch} ({context.scaffold.get_submodule(branch.removeprefix('tost.')).kind})"
+            via = f"{branch} ({context.scaffold.skip_at(branch).kind})"
         out.meta[SITE] = f"{node.target} -> {landing} via {via}"
         for user in users:
             user.replace_input_with(target, out)
