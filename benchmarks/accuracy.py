@@ -68,6 +68,10 @@ ABLATION_VARIANTS = tuple(f"only_{t}" for t in TECHNIQUES) + tuple(f"no_{t}" for
 VARIANTS = MAIN_VARIANTS + ABLATION_VARIANTS
 SNIP_BATCHES = 2
 """SNIP scores on this many (unaugmented) training batches of 128, in the seed's order."""
+GRADINIT_STEPS = 100
+"""Steps of :func:`tost_surgery.init.gradinit` for ``rescale_rule="gradinit"`` (its default)."""
+GRADINIT_BATCHES = 24
+"""Unaugmented training batches of 128 it reads, in the seed's order (3 per step, reused in turn)."""
 
 
 # --------------------------------------------------------------------------- runs
@@ -198,6 +202,12 @@ def recipe_for(variant: str, total_steps: int, overrides: dict[str, Any]) -> tos
     return tost.Recipe.tost(total_steps, **{**off, **overrides})
 
 
+def seeded_batches(x: torch.Tensor, y: torch.Tensor, seed: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``count`` batches of 128 (fewer if the split is smaller) in the seed's order, unaugmented."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(y.device)
+    return [(x[order[i : i + 128]], y[order[i : i + 128]]) for i in range(0, min(count * 128, len(y)), 128)]
+
+
 def make_mask(model: torch.nn.Module, method: str, sparsity: float, seed: int, data: cifar.CifarData):
     """The mask of (method, sparsity, seed), always computed on the CPU (same mask on any device)."""
     if method == "erk":
@@ -205,10 +215,8 @@ def make_mask(model: torch.nn.Module, method: str, sparsity: float, seed: int, d
     if method == "random":
         return tost.masks.random(model, sparsity, seed=seed)
     if method == "snip":
-        order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))
         x, y = data.x_train.cpu(), data.y_train.cpu()
-        batches = [(x[order[i : i + 128]], y[order[i : i + 128]]) for i in range(0, SNIP_BATCHES * 128, 128)]
-        return tost.masks.snip(model, sparsity, batches)
+        return tost.masks.snip(model, sparsity, seeded_batches(x, y, seed, SNIP_BATCHES))
     if method == "synflow":
         return tost.masks.synflow(model, sparsity, input_shape=tuple(data.x_train.shape[1:]))
     raise ValueError(f"unknown mask {method!r}; choose from {list(MASKS + EXTRA_MASKS)}")
@@ -242,6 +250,12 @@ def run_one(key: RunKey, data_path: str, device: str, threads: int, log=print) -
     prepare_start = time.perf_counter()
     tost.prepare(model, mask, recipe)
     prepare_s = time.perf_counter() - prepare_start
+    gradinit: dict[str, Any] = {}
+    if recipe.rescale_init and recipe.rescale_rule == "gradinit":  # a learned scale per layer, before training
+        gradinit_start = time.perf_counter()
+        batches = seeded_batches(data.x_train, data.y_train, key.seed, GRADINIT_BATCHES)
+        report = tost.init.gradinit(model, batches, steps=GRADINIT_STEPS)
+        gradinit = {"gradinit": report.to_dict(), "gradinit_s": round(time.perf_counter() - gradinit_start, 2)}
 
     def on_epoch(e: cifar.EpochLog) -> None:
         log(
@@ -274,6 +288,7 @@ def run_one(key: RunKey, data_path: str, device: str, threads: int, log=print) -
         "wall_s": round(time.perf_counter() - started, 2),
         "train_s": round(train_s, 2),
         "prepare_s": round(prepare_s, 3),
+        **gradinit,
         "steps": total_steps,
         "kept": int(sum(int(m.sum()) for m in mask.values())),
         "total": int(sum(m.numel() for m in mask.values())),

@@ -134,6 +134,21 @@ def test_accuracy_runs_are_identified_by_their_recipe() -> None:
     assert baseline.id == accuracy.RunKey(variant="baseline", overrides=(("skip_init", 0.5),), **common).id
 
 
+@pytest.mark.skipif(not DATA.is_file(), reason=f"the CIFAR-10 subset is not at {DATA}")
+def test_accuracy_runs_gradinit_when_the_recipe_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    accuracy = _accuracy_module()
+    monkeypatch.setattr(accuracy, "GRADINIT_STEPS", 2)
+    common = dict(arch="resnet20", mask="erk", sparsity=0.9, seed=0, epochs=1, eval="val", subset=256)
+    key = accuracy.RunKey(variant="only_rescale", overrides=(("rescale_rule", "gradinit"),), **common)
+    record = accuracy.run_one(key, str(DATA), "cpu", 1, log=lambda _: None)
+    report = record["gradinit"]
+    assert report["steps"] == 2 and record["gradinit_s"] > 0
+    assert [layer["name"] for layer in report["layers"]] == ["fc.weight"]  # the scope: layers feeding no norm
+    assert report["layers"][0]["scale"] != 1.0 and record["masked_nonzero"] == 0
+    plain = accuracy.run_one(accuracy.RunKey(variant="only_rescale", **common), str(DATA), "cpu", 1, log=lambda _: None)
+    assert "gradinit" not in plain
+
+
 def test_accuracy_candidates_are_paired_with_todays_tost_by_mask_and_seed() -> None:
     accuracy = _accuracy_module()
     val_acc = {  # (mask, seed, variant, overrides) -> validation accuracy
