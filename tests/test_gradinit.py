@@ -87,10 +87,25 @@ def test_a_tight_gradient_norm_bound_lowers_the_gradient_norm() -> None:
     assert all(scale < 1 for scale in result.scales.values())
 
 
-def test_scales_respect_the_lower_bound() -> None:
+def test_scales_respect_the_lower_bound_and_a_scale_at_it_is_flagged() -> None:
     model = relu_mlp()
-    result = gradinit(model, teacher_batches(), mlp_mask(model, 1.0), steps=30, gamma=1e-6, lr=0.5, min_scale=0.3)
+    with pytest.warns(TostSurgeryWarning) as caught:
+        result = gradinit(model, teacher_batches(), mlp_mask(model, 1.0), steps=30, gamma=1e-6, lr=0.5, min_scale=0.3)
     assert min(result.scales.values()) == pytest.approx(0.3)
+    pinned = sorted(name for name, scale in result.scales.items() if scale == pytest.approx(0.3))
+    message = str(caught[0].message)
+    assert f"the scale of {pinned} ended at min_scale=0.3" in message
+    assert "30 of 30 steps lowered the gradient norm" in message
+    assert f"norm {result.grad_norm_before:.4g} before, {result.grad_norm_after:.4g} after, gamma=1e-06" in message
+    assert "Hint: raise gamma" in message
+
+
+def test_scales_learned_inside_the_bound_raise_no_warning() -> None:
+    model = relu_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = gradinit(model, teacher_batches(), mlp_mask(model, 0.05), steps=20)
+    assert min(result.scales.values()) > 0.01
 
 
 def test_prepared_model_changes_only_by_the_scales(images) -> None:

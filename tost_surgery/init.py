@@ -156,7 +156,9 @@ def gradinit(
     ``prepare`` and before training. With ``Recipe(rescale_rule="gradinit")`` it learns the layers of
     ``rescale_scope`` and marks the scales applied (saved in ``state_dict``); on a model prepared
     with another recipe it learns every masked conv/linear weight. A :class:`TostSurgeryWarning` says
-    when it stacks on scales already applied (a deterministic rule, or a first call).
+    when it stacks on scales already applied (a deterministic rule, or a first call), and when a
+    scale ends at ``min_scale``: the bound, not the objective, chose it (in a BatchNorm network the
+    gradient norm at init can be far above ``gamma``, so every step shrinks the scales).
 
     Args:
         model: a model prepared by :func:`tost_surgery.prepare` (its masks are used), or a plain
@@ -209,6 +211,7 @@ def gradinit(
     learned = [a.detach() for a in alphas]
     with _own_rng(device):
         after = search.evaluate(learned, fixed)
+    _warn_at_the_bound(layers, learned, min_scale, (before[1], after[1]), gamma, constraint_steps, steps)
     with torch.no_grad():
         for entry, alpha in zip(layers, learned):
             original_parameter(entry).mul_(alpha.to(original_parameter(entry).dtype))
@@ -226,6 +229,30 @@ def gradinit(
         steps=steps,
         constraint_steps=constraint_steps,
         settings=settings,
+    )
+
+
+def _warn_at_the_bound(
+    layers: list[MaskEntry],
+    learned: list[torch.Tensor],
+    min_scale: float,
+    grad_norms: tuple[float, float],
+    gamma: float,
+    constraint_steps: int,
+    steps: int,
+) -> None:
+    """Warn when a learned scale ended at ``min_scale``: the bound chose it, not the objective."""
+    pinned = [entry.name for entry, alpha in zip(layers, learned) if float(alpha) <= min_scale * (1 + 1e-6)]
+    if not pinned:
+        return
+    warnings.warn(
+        f"gradinit: the scale of {pinned} ended at min_scale={min_scale:g}, its lower bound, so the bound "
+        f"chose it, not the objective. {constraint_steps} of {steps} steps lowered the gradient norm instead "
+        f"of the objective (norm {grad_norms[0]:.4g} before, {grad_norms[1]:.4g} after, gamma={gamma:g}).\n"
+        "Hint: raise gamma to about the norm before if that norm is expected (e.g. in a BatchNorm network), "
+        "lower min_scale to let the scale go further, or use a deterministic rule (rescale_rule='fan_in').",
+        TostSurgeryWarning,
+        stacklevel=3,
     )
 
 
