@@ -616,7 +616,7 @@ def _candidates(val: dict[tuple, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     settings = sorted({(k[1], k[4]) for k in val if k[3] == "tost" and k[4] != "{}"})
     for sparsity, overrides in settings:
-        diffs, gains, masks = [], [], set()
+        diffs, gains, mask_diffs = [], [], {}
         for (mask, s, seed, variant, over), record in sorted(val.items()):
             if s != sparsity or variant != "tost" or over != overrides:
                 continue
@@ -624,16 +624,17 @@ def _candidates(val: dict[tuple, dict[str, Any]]) -> list[dict[str, Any]]:
             base = val.get((mask, s, seed, "baseline", "{}"))
             if default is not None:
                 diffs.append(record["val_acc"] - default["val_acc"])
-                masks.add(mask)
+                mask_diffs.setdefault(mask, []).append(diffs[-1])
             if base is not None:
                 gains.append(record["val_acc"] - base["val_acc"])
         rows.append(
             {
                 "sparsity": sparsity,
                 "overrides": json.loads(overrides),
-                "masks": sorted(masks),
+                "masks": sorted(mask_diffs),
                 "pairs": len(diffs),
                 "vs_tost": dict(zip(("mean", "std"), _mean_std(diffs))),
+                "vs_tost_per_mask": {mask: statistics.fmean(d) for mask, d in sorted(mask_diffs.items())},
                 "vs_baseline": dict(zip(("mean", "std"), _mean_std(gains))),
                 "verdict": _verdict(diffs),
             }
@@ -831,15 +832,16 @@ def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
             "Each row: ToST with the overrides, minus ToST with today's defaults, paired by (mask, seed) on the"
             " validation split; and its gain over the default protocol, paired by (mask, seed) the same way.",
             "",
-            "| sparsity | overrides | masks | pairs | vs today's ToST | vs default protocol"
+            "| sparsity | overrides | masks | pairs | vs today's ToST | per mask, vs today's ToST | vs default protocol"
             " | better than today's ToST? |",
-            "| ---: | --- | --- | ---: | ---: | ---: | --- |",
+            "| ---: | --- | --- | ---: | ---: | --- | ---: | --- |",
         ]
         for row in report["candidates"]:
             overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items())
+            per_mask = " / ".join(f"{m} {100 * d:+.2f}" for m, d in row.get("vs_tost_per_mask", {}).items())
             lines.append(
                 f"| {row['sparsity']:.2f} | {overrides} | {', '.join(row['masks']) or '-'} | {row['pairs']} "
-                f"| {_pct(row['vs_tost']['mean'], row['vs_tost']['std'], 0, signed=True)} "
+                f"| {_pct(row['vs_tost']['mean'], row['vs_tost']['std'], 0, signed=True)} | {per_mask or '-'} "
                 f"| {_pct(row['vs_baseline']['mean'], row['vs_baseline']['std'], 0, signed=True)} "
                 f"| {row['verdict']} |"
             )

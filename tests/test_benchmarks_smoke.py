@@ -166,6 +166,7 @@ def test_accuracy_candidates_are_paired_with_todays_tost_by_mask_and_seed() -> N
     row = rows[(0.98, '{"warmup": 0.6}')]
     assert row["masks"] == ["erk"] and row["pairs"] == 2
     assert row["vs_tost"]["mean"] == pytest.approx((0.03 + 0.01) / 2)
+    assert row["vs_tost_per_mask"] == {"erk": pytest.approx((0.03 + 0.01) / 2)}  # snip has no ToST pair
     assert row["vs_baseline"]["mean"] == pytest.approx((0.05 + 0.02 + 0.03) / 3)
     lone = rows[(0.9, '{"warmup": 1.0}')]
     assert lone["pairs"] == 0 and lone["vs_tost"]["mean"] is None and lone["verdict"] == "pending"
