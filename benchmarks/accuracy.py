@@ -623,8 +623,9 @@ def _candidates(val: dict[tuple, dict[str, Any]]) -> list[dict[str, Any]]:
             default = val.get((mask, s, seed, "tost", "{}"))
             base = val.get((mask, s, seed, "baseline", "{}"))
             if default is not None:
-                diffs.append(record["val_acc"] - default["val_acc"])
-                mask_diffs.setdefault(mask, []).append(diffs[-1])
+                diff = record["val_acc"] - default["val_acc"]
+                diffs.append(diff)
+                mask_diffs.setdefault(mask, []).append(diff)
             if base is not None:
                 gains.append(record["val_acc"] - base["val_acc"])
         rows.append(
@@ -832,15 +833,15 @@ def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
             "Each row: ToST with the overrides, minus ToST with today's defaults, paired by (mask, seed) on the"
             " validation split; and its gain over the default protocol, paired by (mask, seed) the same way.",
             "",
-            "| sparsity | overrides | masks | pairs | vs today's ToST | per mask, vs today's ToST | vs default protocol"
+            "| sparsity | overrides | pairs | vs today's ToST | per mask, vs today's ToST | vs default protocol"
             " | better than today's ToST? |",
-            "| ---: | --- | --- | ---: | ---: | --- | ---: | --- |",
+            "| ---: | --- | ---: | ---: | --- | ---: | --- |",
         ]
         for row in report["candidates"]:
             overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items())
-            per_mask = " / ".join(f"{m} {100 * d:+.2f}" for m, d in row.get("vs_tost_per_mask", {}).items())
+            per_mask = " / ".join(f"{m} {100 * d:+.2f}" for m, d in row["vs_tost_per_mask"].items())
             lines.append(
-                f"| {row['sparsity']:.2f} | {overrides} | {', '.join(row['masks']) or '-'} | {row['pairs']} "
+                f"| {row['sparsity']:.2f} | {overrides} | {row['pairs']} "
                 f"| {_pct(row['vs_tost']['mean'], row['vs_tost']['std'], 0, signed=True)} | {per_mask or '-'} "
                 f"| {_pct(row['vs_baseline']['mean'], row['vs_baseline']['std'], 0, signed=True)} "
                 f"| {row['verdict']} |"
