@@ -352,7 +352,7 @@ class Worker:
         self.stage("inspect")
         surgery = model.tost.surgery
         whole = sum("called whole" in note for note in surgery.notes)
-        if surgery.pristine is None:
+        if surgery.default_variant is None:
             self.row["traced"] = "eager"
             sites = surgery.eager_neurons.sites if surgery.eager_neurons is not None else []
             self.row["ghost_neurons"], self.row["ghost_skips"] = len(sites), 0

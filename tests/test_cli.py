@@ -86,6 +86,52 @@ def test_cli_errors(argv, message, capsys) -> None:
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plan", "tv:resnt18"], "torchvision has no model 'resnt18'. Did you mean 'resnet18'?"),
+        (["plan", "timm:resnet18x"], "timm has no model 'resnet18x'. Did you mean 'resnet18'?"),
+        (["plan", "tests.conftest:TinyNet", "--mask", "/nonexistent/mask.pt"], "No mask at '/nonexistent/mask.pt'"),
+        (["plan", "tests.conftest:TinyNet", "--mask", "ekr"], "--mask 'ekr' is neither a method nor a file. Did you"),
+        (["plan", "tests.conftest:TinyNet", "--mask", "NOTES"], "is not a mask torch.load can read"),
+        (["report", "NOTES"], "is not a checkpoint torch.load can read"),
+        (["report", "."], "is a directory, not a checkpoint"),
+    ],
+)
+def test_cli_user_mistakes_are_one_error_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    (tmp_path / "NOTES").write_text("not a checkpoint\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("library", ["timm", "torchvision"])
+def test_cli_without_the_timm_extra_says_how_to_install_it(library, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, library, None)  # import raises ImportError, as in a core install
+    spec = {"timm": "timm:resnet18", "torchvision": "tv:resnet18"}[library]
+    assert main(["plan", spec]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{library} is not installed" in err and 'pip install "tost-surgery[timm]"' in err
+
+
+def test_report_of_a_finalized_checkpoint_counts_the_layers_left_dense(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    model = TinyNet()
+    mask = tost.masks.erk(model, 0.7, seed=0)
+    assert any(bool(m.all()) for m in mask.values())  # ERK leaves the small layers dense
+    tost.prepare(model, mask)
+    torch.save(model.state_dict(), tmp_path / "prepared.pt")
+    tost.finalize(model)
+    torch.save(model.state_dict(), tmp_path / "final.pt")
+    prepared = run_json(capsys, "report", str(tmp_path / "prepared.pt"))
+    final = run_json(capsys, "report", str(tmp_path / "final.pt"))
+    assert [r["name"] for r in final["rows"]] == [r["name"] for r in prepared["rows"]]
+    assert (final["kept"], final["total"], final["density"]) == (prepared["kept"], prepared["total"], prepared["density"])
+
+
 def test_python_dash_m_entry_point() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "tost_surgery", "plan", "tests.conftest:TinyNet", "--input-size", "3", "8", "8"],

@@ -7,6 +7,8 @@ Every error a user can cause is a :class:`TostSurgeryError` (a ``ValueError``), 
 from __future__ import annotations
 
 import difflib
+import sys
+import warnings
 from collections.abc import Iterable
 
 
@@ -38,3 +40,11 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def warn(message: str) -> None:
+    """A :class:`TostSurgeryWarning` attributed to the first caller outside tost_surgery."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("tost_surgery."):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(f"tost_surgery: {message}", TostSurgeryWarning, stacklevel=level)

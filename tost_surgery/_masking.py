@@ -10,15 +10,22 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._errors import MaskError, did_you_mean
+from ._write_through import MaskedWeight, cached_by_version, plain_reads, wants_plain
 
-MaskDict = Mapping[str, torch.Tensor]
+
+def _nonzero(mask: torch.Tensor) -> torch.Tensor:
+    return mask != 0
 
 
 class MaskParametrization(nn.Module):
-    """``weight -> weight * mask``: the effective weight is exactly zero where ``mask`` is.
+    """``weight -> where(mask, weight, 0)``: the effective weight is exactly zero where ``mask`` is.
 
-    The mask (0/1 in the weight's dtype) is a saved buffer, so checkpoints keep it. Assigning to the parametrized
-    tensor stores the value as given (masked again on every read).
+    A NaN or inf at a masked position of the trainable tensor never reaches the effective weight,
+    nor a gradient at one reaches the trainable tensor. The mask is a saved buffer of 0/1 in the
+    weight's dtype (averaging helpers such as ``AveragedModel(use_buffers=True)`` average every
+    buffer, and a bool tensor cannot be averaged). Assigning to the parametrized tensor stores the
+    value as given (masked again on every read); read from outside the model's forward it is a
+    :class:`~tost_surgery._write_through.MaskedWeight`, so in-place writes reach the trainable tensor.
     """
 
     def __init__(self, mask: torch.Tensor) -> None:
@@ -26,7 +33,11 @@ class MaskParametrization(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
+        kept = cached_by_version(self, "_kept", self.mask, _nonzero)
+        effective = torch.where(kept, weight, 0)
+        if wants_plain():
+            return effective
+        return MaskedWeight.wrap(effective, weight, kept)
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
@@ -37,8 +48,18 @@ class MaskParametrization(nn.Module):
 
 
 @dataclass(frozen=True)
+class Owner:
+    """A module that holds a masked tensor under ``attr``, with its parameter order to restore."""
+
+    module_name: str
+    module: nn.Module
+    attr: str
+    parameter_order: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class MaskEntry:
-    """One masked parameter: where it lives and its validated boolean mask."""
+    """One masked tensor: where it lives (every module that holds it) and its validated boolean mask."""
 
     name: str
     module_name: str
@@ -48,6 +69,12 @@ class MaskEntry:
     """The validated boolean mask ``prepare`` got."""
     parameter_order: tuple[str, ...]
     """The module's parameter names in their original order, restored when detaching."""
+    aliases: tuple[Owner, ...] = ()
+    """Other modules holding the same (tied) tensor: each gets the same mask."""
+
+    @property
+    def owners(self) -> tuple[Owner, ...]:
+        return (Owner(self.module_name, self.module, self.attr, self.parameter_order), *self.aliases)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -78,9 +105,11 @@ def resolve_mask(model: nn.Module, mask: object) -> object:
 
 
 def normalize_mask(model: nn.Module, mask: object) -> list[MaskEntry]:
-    """Check ``mask`` against ``model`` and return one entry per masked parameter.
+    """Check ``mask`` against ``model`` and return one entry per masked tensor.
 
-    Changes nothing. Raises :class:`MaskError` naming the parameter and the value found.
+    A tied tensor (one parameter held by several modules, like an LM head tied to its embedding)
+    is one entry however many names the mask gives it; its owners all get the mask. Changes
+    nothing. Raises :class:`MaskError` naming the parameter and the value found.
     """
     if not isinstance(mask, Mapping):
         raise MaskError(
@@ -94,36 +123,53 @@ def normalize_mask(model: nn.Module, mask: object) -> list[MaskEntry]:
             "Hint: to train without masks use plain PyTorch; for a dense layer omit it from the mask."
         )
     params = dict(model.named_parameters(remove_duplicate=False))
-    owners = _parameter_owners(model)
-    entries: list[MaskEntry] = []
-    seen: dict[int, str] = {}
+    owners = _tensor_owners(model)
+    entries: dict[int, MaskEntry] = {}
     for name, value in mask.items():
-        if isinstance(name, str) and name not in params and _is_parametrized_tensor(model, name):
-            raise MaskError(
-                f"Parameter {name!r} already has a parametrization; tost_surgery will not stack on it.\n"
-                "Hint: remove it with torch.nn.utils.parametrize.remove_parametrizations first."
-            )
-        if not isinstance(name, str) or name not in params:
-            raise MaskError(
-                f"Mask key {name!r} names no parameter of {type(model).__name__}." + did_you_mean(str(name), params)
-            )
-        param = params[name]
-        module_name, attr = owners[name]
-        module = model.get_submodule(module_name)
-        if id(param) in seen:
-            raise MaskError(
-                f"Mask keys {seen[id(param)]!r} and {name!r} name the same (tied) parameter.\n"
-                "Hint: give the mask once, under either name."
-            )
-        seen[id(param)] = name
-        if parametrize.is_parametrized(module, attr):
-            raise MaskError(
-                f"Parameter {name!r} already has a parametrization; tost_surgery will not stack on it.\n"
-                "Hint: remove it with torch.nn.utils.parametrize.remove_parametrizations first."
-            )
+        param = _masked_parameter(model, name, params)
         value = _check_mask_value(name, value, param)
-        entries.append(MaskEntry(name, module_name, attr, module, value, tuple(module._parameters)))
-    return entries
+        if id(param) in entries:
+            _check_same_mask(entries[id(param)], name, value)
+            continue
+        holders = owners[id(param)]
+        for owner in holders:
+            if parametrize.is_parametrized(owner.module, owner.attr):
+                raise MaskError(
+                    f"Parameter {name!r} already has a parametrization; tost_surgery will not stack on it.\n"
+                    "Hint: remove it with torch.nn.utils.parametrize.remove_parametrizations first."
+                )
+        primary = next((o for o in holders if _full_name(o) == name), holders[0])
+        aliases = tuple(o for o in holders if o is not primary)
+        entries[id(param)] = MaskEntry(
+            name, primary.module_name, primary.attr, primary.module, value, primary.parameter_order, aliases
+        )
+    return list(entries.values())
+
+
+def _masked_parameter(model: nn.Module, name: object, params: dict[str, nn.Parameter]) -> nn.Parameter:
+    if isinstance(name, str) and name not in params and _is_parametrized_tensor(model, name):
+        raise MaskError(
+            f"Parameter {name!r} already has a parametrization; tost_surgery will not stack on it.\n"
+            "Hint: remove it with torch.nn.utils.parametrize.remove_parametrizations first."
+        )
+    if not isinstance(name, str) or name not in params:
+        suggestion = f" Did you mean {name + '.weight'!r}?" if f"{name}.weight" in params else ""
+        raise MaskError(
+            f"Mask key {name!r} names no parameter of {type(model).__name__}."
+            + (suggestion or did_you_mean(str(name), params))
+        )
+    return params[name]
+
+
+def _check_same_mask(entry: MaskEntry, name: str, value: torch.Tensor) -> None:
+    """Two keys for one tied tensor are fine when they give the same mask."""
+    if not torch.equal(entry.given, value):
+        differ = int((entry.given != value).sum())
+        raise MaskError(
+            f"Mask keys {entry.name!r} and {name!r} name the same (tied) parameter with different masks "
+            f"({differ} of {value.numel()} positions differ).\n"
+            "Hint: a tied tensor has one mask; give it once, under either name."
+        )
 
 
 def _check_mask_value(name: str, value: object, param: torch.Tensor) -> torch.Tensor:
@@ -174,35 +220,51 @@ def _is_parametrized_tensor(model: nn.Module, name: str) -> bool:
     return parametrize.is_parametrized(module, attr)
 
 
-def _parameter_owners(model: nn.Module) -> dict[str, tuple[str, str]]:
-    """``"a.b.weight" -> ("a.b", "weight")`` for every parameter name, aliases included."""
-    owners = {}
+def _tensor_owners(model: nn.Module) -> dict[int, list[Owner]]:
+    """Every ``(module, attr)`` holding each parameter, by the parameter's id; a shared module counts once."""
+    owners: dict[int, list[Owner]] = {}
+    seen: set[tuple[int, str]] = set()
     for module_name, module in model.named_modules(remove_duplicate=False):
-        for attr in module._parameters:
-            full = f"{module_name}.{attr}" if module_name else attr
-            owners[full] = (module_name, attr)
+        for attr, param in module._parameters.items():
+            if param is None or (id(module), attr) in seen:
+                continue
+            seen.add((id(module), attr))
+            owners.setdefault(id(param), []).append(Owner(module_name, module, attr, tuple(module._parameters)))
     return owners
 
 
+def _full_name(owner: Owner) -> str:
+    return f"{owner.module_name}.{owner.attr}" if owner.module_name else owner.attr
+
+
 def attach_masks(entries: list[MaskEntry]) -> None:
-    """Register a :class:`MaskParametrization` on every entry (parameter identity is kept)."""
+    """Register a :class:`MaskParametrization` on every owner of every entry (parameter identity is kept).
+
+    The owners of a tied tensor share one parametrization module, so they read one mask.
+    """
     for entry in entries:
         weight = entry.module._parameters[entry.attr]
-        # Stored in the weight's dtype: on CPU, multiplying by a bool tensor is ~8x slower.
-        mask = entry.given.to(weight.dtype)
-        parametrize.register_parametrization(entry.module, entry.attr, MaskParametrization(mask))
+        parametrization = MaskParametrization(entry.given.to(weight.dtype))
+        for owner in entry.owners:
+            parametrize.register_parametrization(owner.module, owner.attr, parametrization)
 
 
 def detach_masks(entries: list[MaskEntry], *, bake: bool) -> None:
     """Remove our parametrizations; with ``bake`` the masked value stays in the parameter."""
-    for entry in entries:
-        if parametrize.is_parametrized(entry.module, entry.attr):
-            _own_parametrized_class(entry.module)
-            parametrize.remove_parametrizations(entry.module, entry.attr, leave_parametrized=bake)
-        parameters = entry.module._parameters
-        if tuple(parameters) != entry.parameter_order and set(parameters) == set(entry.parameter_order):
-            for key in entry.parameter_order:  # same objects, original state_dict order
-                parameters[key] = parameters.pop(key)
+    with plain_reads:
+        for entry in entries:
+            for owner in entry.owners:
+                _detach(owner, bake=bake)
+
+
+def _detach(owner: Owner, *, bake: bool) -> None:
+    if parametrize.is_parametrized(owner.module, owner.attr):
+        _own_parametrized_class(owner.module)
+        parametrize.remove_parametrizations(owner.module, owner.attr, leave_parametrized=bake)
+    parameters = owner.module._parameters
+    if tuple(parameters) != owner.parameter_order and set(parameters) == set(owner.parameter_order):
+        for key in owner.parameter_order:  # same objects, original state_dict order
+            parameters[key] = parameters.pop(key)
 
 
 def _own_parametrized_class(module: nn.Module) -> None:

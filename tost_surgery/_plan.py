@@ -114,8 +114,8 @@ def plan(
         trial = prepare(copy.deepcopy(model), mask, recipe, leaf_modules=leaf_modules)
         surgery = trial.tost.surgery
         neurons, skips = [], []
-        if surgery.pristine is not None:
-            for node in surgery.graphs[True].nodes:
+        if surgery.default_variant is not None:
+            for node in surgery.default_variant.graphs[True].nodes:
                 if SITE in node.meta:
                     (neurons if node.meta[TAG] == "neurons" else skips).append(node.meta[SITE])
         elif surgery.eager_neurons is not None:

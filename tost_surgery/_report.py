@@ -149,10 +149,10 @@ def _has_linear_skip(entry: MaskEntry, surgery: Any) -> bool:
         return False
     # The pass puts a skip at every traced call of a square Linear; the unmodified graph lists them
     # even after the skips retired. A model run without a graph (eager) has no linear skips.
-    graphs = getattr(surgery, "pristine", None) or getattr(surgery, "graphs", None)
-    graph = graphs.get(True) if isinstance(graphs, Mapping) else None
-    if graph is None:
+    variant = surgery.default_variant
+    if variant is None:
         return False
+    graph = variant.pristine[True]
     return any(node.op == "call_module" and node.target == entry.module_name for node in graph.nodes)
 
 

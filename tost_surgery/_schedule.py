@@ -1,4 +1,4 @@
-"""The annealing schedule: one step counter, and the coefficients the graph reads."""
+"""The annealing schedule: one step counter, the only state, and the coefficients derived from it."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ._recipe import Recipe
+from ._write_through import cached_by_version
 
 Technique = Literal["neurons", "skips"]
-TECHNIQUES: tuple[Technique, ...] = ("neurons", "skips")
 
 
 def anneal_progress(step: int, warmup_steps: int, shape: str) -> float:
@@ -23,39 +23,64 @@ def anneal_progress(step: int, warmup_steps: int, shape: str) -> float:
 
 
 class Schedule(nn.Module):
-    """Step counter (a saved buffer) and the annealed coefficients (0-d buffers).
+    """The step counter (a saved buffer) and the annealed coefficients, computed from it on every call.
 
-    The graph reads ``neuron_blend`` (``b``, 0 -> 1) and ``skip_scale`` (``a``, 1 -> 0) as
-    tensors, so the rewritten graph does not change from step to step. Only ``step`` is in
-    ``state_dict``; the coefficients are derived from it, also after ``load_state_dict``.
+    The rewritten graph calls ``tost.schedule("neurons")`` (the blend ``b``, 0 -> 1) and
+    ``tost.schedule("skips")`` (the skip scale ``a``, 1 -> 0): 0-d float32 tensors computed from
+    the ``step`` buffer, so the graph does not change from step to step, and a copy of the state
+    by any route (``load_state_dict``, an EMA helper's in-place ``copy_``, a broadcast) is followed
+    at once. ``steps_taken`` reads the buffer, cached until the buffer changes (its version counter
+    moves), so a training loop does not synchronize a GPU on every step.
     """
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.register_buffer("neuron_blend", torch.zeros(()), persistent=False)
-        self.register_buffer("skip_scale", torch.ones(()), persistent=False)
-        # A Python mirror of ``step``: reading the buffer would sync a GPU every step.
-        self.steps_taken = 0
-        self.register_load_state_dict_post_hook(_resync_after_load)
-        self._update_coefficients()
 
-    def _apply(self, fn, recurse: bool = True):
-        # ``model.to(dtype)`` would cast the coefficients too: in bfloat16 the blend moves in stairs
-        # of 1/256 (1/3 becomes 0.333984375). The graph's ops take a 0-d float32 tensor as it is.
-        super()._apply(fn, recurse)
-        for name in ("neuron_blend", "skip_scale"):
-            if self._buffers[name].dtype != torch.float32:
-                self._buffers[name] = self._buffers[name].float()
-        self._update_coefficients()
-        return self
+    def forward(self, technique: Technique) -> torch.Tensor:
+        """The coefficient the graph reads for ``technique``, as a 0-d float32 tensor.
+
+        Computed again only when the step buffer has changed (eagerly; traced as it is under
+        ``torch.compile``).
+        """
+        compute = self._neuron_blend if technique == "neurons" else self._skip_scale
+        return cached_by_version(self, f"_coefficient_{technique}", self._buffers["step"], compute)
+
+    def _neuron_blend(self, step: torch.Tensor) -> torch.Tensor:
+        return self._progress(step, "neurons")
+
+    def _skip_scale(self, step: torch.Tensor) -> torch.Tensor:
+        return 1.0 - self._progress(step, "skips")
+
+    def _progress(self, step: torch.Tensor, technique: Technique) -> torch.Tensor:
+        progress = (step.to(torch.float32) / self.recipe.warmup_steps(technique)).clamp(0.0, 1.0)
+        if self.recipe.anneal == "cosine":
+            progress = 0.5 - 0.5 * torch.cos(progress * math.pi)
+        return progress
+
+
+    @property
+    def neuron_blend(self) -> torch.Tensor:
+        """``b`` of the ghost neurons, 0 -> 1."""
+        return self("neurons")
+
+    @property
+    def skip_scale(self) -> torch.Tensor:
+        """``a`` of the ghost skips, 1 -> 0."""
+        return self("skips")
+
+    @property
+    def steps_taken(self) -> int:
+        """The ``step`` buffer's value, read again whenever the buffer has changed."""
+        return cached_by_version(self, "_seen", self._buffers["step"], _as_int)
 
     def advance(self, n: int) -> None:
         """Count ``n`` more optimizer steps."""
+        before = self.steps_taken
         self.step.add_(n)
-        self.steps_taken += n
-        self._update_coefficients()
+        if not torch.is_inference(self.step):  # its new value is known: no read of the device
+            self.__dict__["_seen"] = (self.step, self.step._version, before + n)
 
     def progress(self, technique: Technique | Literal["labels"]) -> float:
         """Shaped progress of ``technique``'s annealing, in [0, 1]."""
@@ -72,14 +97,14 @@ class Schedule(nn.Module):
             return amount * (1.0 - self.progress("labels"))
         return amount
 
-    def _update_coefficients(self) -> None:
-        self.neuron_blend.fill_(self.progress("neurons"))
-        self.skip_scale.fill_(1.0 - self.progress("skips"))
+    def version(self) -> tuple[int, int]:
+        """Changes whenever the step buffer is replaced or written (a step, a load, an in-place copy)."""
+        step = self._buffers["step"]
+        return (id(step), -1 if torch.is_inference(step) else step._version)
 
     def extra_repr(self) -> str:
         return f"steps_taken={self.steps_taken}"
 
 
-def _resync_after_load(module: Schedule, incompatible_keys: object) -> None:
-    module.steps_taken = int(module.step.item())
-    module._update_coefficients()
+def _as_int(step: torch.Tensor) -> int:
+    return int(step.item())

@@ -12,11 +12,12 @@ import torch
 from torch import fx, nn
 
 from ._eager import EagerNeurons
-from ._errors import RecipeError, StateError, TostSurgeryError
+from ._errors import RecipeError, StateError, TostSurgeryError, TraceError, did_you_mean, warn
 from ._fx._codegen import compile_forward
 from ._fx._context import PassContext
+from ._fx._layout import CallSignature, Layout
 from ._fx._patterns import feeds_normalization
-from ._fx._tracing import trace_per_mode
+from ._fx._tracing import FALLBACK, Tracing, trace_call
 from ._fx.passes import insert_ghost_neurons, insert_ghost_skips
 from ._fx.passes.split_norm_act import split_norm_act
 from ._masking import MaskEntry, attach_masks, detach_masks, normalize_mask, original_parameter, resolve_mask
@@ -24,12 +25,33 @@ from ._modules import Scaffold
 from ._recipe import Recipe
 from ._rescale import rescale_factors, rescaled_layers
 from ._schedule import Technique
+from ._write_through import plain_reads
 
 # The order in which graph passes run; each inserts one technique's scaffolding.
 PASSES: tuple[tuple[Technique, Callable[[fx.Graph, PassContext], None]], ...] = (
     ("neurons", insert_ghost_neurons),
     ("skips", insert_ghost_skips),
 )
+# Methods rewritten besides forward when the model's class has them: timm's, which feature
+# extraction, distillation and training loops call instead of forward.
+DEFAULT_METHODS = ("forward_features", "forward_head")
+_MANY_LAYOUTS = 8
+
+
+@dataclass
+class Variant:
+    """One traced call layout of one method: its graphs without scaffolding, and what runs now."""
+
+    pristine: dict[bool, fx.Graph]
+    graphs: dict[bool, fx.Graph] = field(default_factory=dict)
+    forwards: dict[bool, Callable] = field(default_factory=dict)
+
+
+class Bindings(dict):
+    """The optimizers bound to one model, by id. A copy of the model (an EMA, say) is bound to none."""
+
+    def __deepcopy__(self, memo: dict) -> Bindings:
+        return Bindings()
 
 
 @dataclass
@@ -38,23 +60,28 @@ class Surgery:
 
     context: PassContext
     entries: list[MaskEntry]
-    pristine: dict[bool, fx.Graph] | None
-    """The traced graphs without scaffolding; None when the model runs eagerly."""
-    signature: inspect.Signature
+    tracing: Tracing | None
+    """How the model's methods are traced; None when the model runs eagerly."""
+    signatures: dict[str, CallSignature]
+    """The rewritten methods (forward first) and their signatures."""
+    installed: tuple[str, ...]
+    """The methods set on the instance: the rewritten ones, and those that could not be traced."""
     enabled: frozenset[Technique]
     model_name: str
+    variants: dict[tuple[str, Layout], Variant] = field(default_factory=dict)
+    """Traced call layouts by ``(method, layout)``; the first is forward's default call."""
     notes: list[str] = field(default_factory=list)
     """What was not applied as asked, and why (blocks kept whole, eager fallback)."""
     eager_neurons: EagerNeurons | None = None
     rescaled: dict[str, float] = field(default_factory=dict)
     active: frozenset[Technique] = frozenset()
-    graphs: dict[bool, fx.Graph] = field(default_factory=dict)
-    forwards: dict[bool, Callable] = field(default_factory=dict)
-    bindings: dict[int, object] = field(default_factory=dict)
+    bindings: Bindings = field(default_factory=Bindings)
     gradinit_layers: tuple[str, ...] | None = None
     """With ``rescale_rule="gradinit"``: the masked weights gradinit learns a scale for."""
     gradinit_checked: bool = False
     """Whether ``step`` has looked for GradInit scales still to apply (it does so once)."""
+    synced_at: tuple[int, int] | None = None
+    """The schedule's version when :meth:`sync` last looked."""
 
     def gradinit_pending(self) -> bool:
         """The recipe asks for GradInit scales and :func:`tost_surgery.init.gradinit` has not applied them."""
@@ -65,64 +92,118 @@ class Surgery:
     def schedule(self):
         return self.context.scaffold.schedule
 
+    @property
+    def default_variant(self) -> Variant | None:
+        """forward's variant for a call with a tensor per required argument (None when eager)."""
+        return next(iter(self.variants.values()), None)
+
     def pending(self) -> frozenset[Technique]:
         """Enabled techniques that have not reached their end state yet."""
         return frozenset(t for t in self.enabled if not self.schedule.is_finished(t))
 
-    def sync(self, *, force: bool = False) -> None:
-        """Rebuild the graphs when the set of unfinished techniques changed.
+    def sync(self) -> None:
+        """Rebuild what runs when the set of unfinished techniques changed (a step, a load, a copy of the step).
 
         Finished techniques retire: they are left out of the graph, not multiplied by zero.
         """
+        version = self.schedule.version()
+        if version == self.synced_at:
+            return
+        self.synced_at = version
         active = self.pending()
-        if self.pristine is None:
+        if active == self.active:
+            return
+        self.active = active
+        if self.tracing is None:
             if self.eager_neurons is not None:
                 self.eager_neurons.swap(ghosts="neurons" in active)
-            self.active = active
             return
-        if active == self.active and self.forwards and not force:
-            return
+        for variant in self.variants.values():
+            self._build(variant)
+        # Retired scaffolding gets no gradient: freeze it, so that a data-parallel wrapper built
+        # from now on leaves it out (DDP would otherwise wait for its gradients and fail).
+        self.context.scaffold.skips.requires_grad_("skips" in active)
+
+    def _build(self, variant: Variant) -> None:
+        """The variant's graphs with the active techniques' passes, compiled to forwards."""
         graphs: dict[bool, fx.Graph] = {}
-        for mode, pristine in self.pristine.items():
-            if mode is False and pristine is self.pristine[True]:
+        for mode, pristine in variant.pristine.items():
+            if mode is False and pristine is variant.pristine[True]:
                 graphs[False] = graphs[True]
                 continue
             graph = copy.deepcopy(pristine)
             for technique, insert in PASSES:
-                if technique in active:
+                if technique in self.active:
                     insert(graph, self.context)
             graph.lint()
             graphs[mode] = graph
-        self.graphs = graphs
-        self.forwards = {
+        variant.graphs = graphs
+        variant.forwards = {
             mode: compile_forward(graph, f"{self.model_name} {'train' if mode else 'eval'}")
             for mode, graph in graphs.items()
         }
         if graphs[False] is graphs[True]:
-            self.forwards[False] = self.forwards[True]
-        # Retired scaffolding gets no gradient: freeze it, so that a data-parallel wrapper built
-        # from now on leaves it out (DDP would otherwise wait for its gradients and fail).
-        self.context.scaffold.skips.requires_grad_("skips" in active)
-        self.active = active
+            variant.forwards[False] = variant.forwards[True]
 
-    def positional(self, args: tuple, kwargs: Mapping) -> tuple:
-        """The call's arguments in positional order (fx may rename its placeholders)."""
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        if bound.kwargs:
-            raise TostSurgeryError(
-                f"The prepared forward cannot pass extra keyword arguments {sorted(bound.kwargs)}.\n"
-                "Hint: pass them positionally or as named parameters of forward."
+    def add_variant(self, model: nn.Module, method: str, layout: Layout) -> Variant | None:
+        """Trace ``method`` for calls with ``layout``; None (with a note) if it cannot be traced."""
+        prefix = f"v{len(self.variants)}_" if self.variants else ""
+        graphs, notes, constants = trace_call(model, self.tracing, method, self.signatures[method], layout, prefix)
+        self.notes.extend(n for n in notes if n not in self.notes)
+        if graphs is None:
+            return None
+        for graph in {id(g): g for g in graphs.values()}.values():
+            split_norm_act(graph, self.context)
+        self.context.scaffold.add_constants(constants)
+        variant = Variant(graphs)
+        self._build(variant)
+        self.variants[(method, layout)] = variant
+        return variant
+
+    @torch.compiler.disable
+    def trace_for_call(self, model: nn.Module, method: str, layout: Layout) -> Variant:
+        """A variant for a call layout not seen before (traced now), or a :class:`TraceError`."""
+        signature = self.signatures[method]
+        variant = self.add_variant(model, method, layout)
+        if variant is None:
+            raise TraceError(
+                f"{self.model_name}.{method} cannot be traced for a call with {signature.describe(layout)}: "
+                f"{self.notes[-1]}.\nHint: pass leaf_modules=[...] to prepare for the submodule that branches "
+                "on this argument, or call the model with arguments that were traced before."
             )
-        return bound.args
+        count = sum(1 for m, _ in self.variants if m == method)
+        if count == _MANY_LAYOUTS:
+            warn(
+                f"{self.model_name}.{method} has now been traced for {count} call layouts: every new value of a "
+                f"non-tensor argument traces it again (latest: {signature.describe(layout)}).\nHint: pass values "
+                "that change from call to call as tensors."
+            )
+        return variant
+
+    def call(self, model: nn.Module, method: str, args: tuple, kwargs: Mapping) -> object:
+        """Run ``method``'s rewritten graph for this call's layout and mode."""
+        layout, inputs = self.signatures[method].bind(args, kwargs)
+        variant = self.variants.get((method, layout))
+        if variant is None:
+            variant = self.trace_for_call(model, method, layout)
+        return variant.forwards[model.training](model, *inputs)
 
 
-def _prepared_forward(self: nn.Module, *args, **kwargs):
-    """The forward of a prepared model: the rewritten graph of the current mode."""
-    surgery: Surgery = self.tost.surgery
-    if kwargs:
-        args = surgery.positional(args, kwargs)
-    return surgery.forwards[self.training](self, *args)
+def _rewritten(method: str) -> Callable:
+    """A method of a prepared model: the rewritten graph for the call (the class's own when run eagerly)."""
+
+    def run(self: nn.Module, *args, **kwargs):
+        surgery: Surgery = self.tost.surgery
+        if torch.compiler.is_compiling():
+            return surgery.call(self, method, args, kwargs)
+        surgery.sync()  # follows a step buffer changed by a copy (an EMA) or a load
+        with plain_reads:
+            if surgery.tracing is None or method not in surgery.signatures:
+                return getattr(type(self), method)(self, *args, **kwargs)
+            return surgery.call(self, method, args, kwargs)
+
+    run.__name__ = method
+    return run
 
 
 def _sync_after_load(scaffold: Scaffold, incompatible_keys: object) -> None:
@@ -135,6 +216,7 @@ def prepare(
     recipe: Recipe | None = None,
     *,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
+    methods: Iterable[str] = (),
     strict: bool = False,
 ) -> nn.Module:
     """Attach ``mask`` and the ToST scaffolding to ``model``, in place.
@@ -149,6 +231,8 @@ def prepare(
         recipe: which techniques run; ``None`` means :meth:`Recipe.baseline` (masks only).
             Use ``Recipe.tost(total_steps=...)`` for the full recipe.
         leaf_modules: module classes or qualified names to call whole, not trace through.
+        methods: other methods of the model to rewrite like forward (timm's ``forward_features``
+            and ``forward_head`` are rewritten whenever the model has them).
         strict: raise a :class:`TraceError` instead of calling an untraceable submodule
             whole, or running an untraceable model eagerly (both warn by default).
 
@@ -156,6 +240,7 @@ def prepare(
         >>> model = prepare(model, masks.erk(model, 0.95), Recipe.tost(total_steps=10_000))
     """
     _check_preparable(model)
+    names = _methods_to_rewrite(model, methods)
     recipe = Recipe.baseline() if recipe is None else recipe
     if not isinstance(recipe, Recipe):
         raise RecipeError(
@@ -163,36 +248,23 @@ def prepare(
             "Hint: Recipe.tost(total_steps=N) or Recipe.baseline()."
         )
     entries = normalize_mask(model, resolve_mask(model, mask))
-    pristine, notes, constants = trace_per_mode(model, leaf_modules, strict=strict)
-    modules = dict(model.named_modules())
     scaffold = Scaffold(recipe)
-    scaffold.add_constants(constants)
-    context = PassContext(recipe, modules, scaffold)
-    enabled = {t for t, on in (("neurons", recipe.ghost_neurons), ("skips", recipe.ghost_skips)) if on}
-    eager_neurons = None
-    if pristine is None:
-        if "skips" in enabled:
-            notes.append("ghost skips not applied: they need a graph")
-        enabled.discard("skips")
-        if "neurons" in enabled:
-            kinds = {"relu", "relu6"} if recipe.neuron_relu6 else {"relu"}
-            eager_neurons = EagerNeurons(model, kinds, recipe.soft_activation, scaffold.schedule)
-    else:
-        for graph in {id(g): g for g in pristine.values()}.values():
-            split_norm_act(graph, context)
+    context = PassContext(recipe, dict(model.named_modules()), scaffold)
+    tracing = Tracing.of(model, leaf_modules, strict=strict)
+    tracing.hidden = frozenset(names)
     surgery = Surgery(
         context=context,
         entries=entries,
-        pristine=pristine,
-        signature=inspect.signature(model.forward),
-        enabled=frozenset(enabled),
+        tracing=tracing,
+        signatures={name: CallSignature(getattr(type(model), name)) for name in names},
+        installed=names,
+        enabled=frozenset(t for t, on in (("neurons", recipe.ghost_neurons), ("skips", recipe.ghost_skips)) if on),
         model_name=type(model).__name__,
-        notes=notes,
-        eager_neurons=eager_neurons,
     )
-    if pristine is not None:
-        surgery.sync()
-    normalized = _normalized_layers(pristine[True], modules) if pristine is not None else frozenset()
+    _trace_methods(model, surgery)
+    context.can_add_modules = False  # later traces reuse these skips: new ones would miss the optimizer
+    default = surgery.default_variant
+    normalized = _normalized_layers(default.pristine[True], context.modules) if default else frozenset()
     factors = rescale_factors(entries, recipe, normalized)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     scaffold.schedule.to(device)
@@ -201,21 +273,75 @@ def prepare(
         if surgery.gradinit_layers:  # saved, so a resumed run knows the scales are in the weights
             scaffold.register_buffer("gradinit_done", torch.zeros((), dtype=torch.bool, device=device))
         else:
-            notes.append(f"gradinit: no masked conv/linear weight in rescale_scope={recipe.rescale_scope!r}")
+            surgery.notes.append(
+                f"gradinit: no masked conv/linear weight in rescale_scope={recipe.rescale_scope!r}"
+            )
     scaffold.surgery = surgery
     scaffold.register_load_state_dict_post_hook(_sync_after_load)
     try:
         model.add_module("tost", scaffold)
         attach_masks(entries)
-        if pristine is None:
+        if surgery.tracing is None:
+            surgery.active = frozenset()
             surgery.sync()
-        else:
-            model.forward = types.MethodType(_prepared_forward, model)
+        for name in names:
+            setattr(model, name, types.MethodType(_rewritten(name), model))
         _zero_and_rescale(entries, factors, surgery)
     except BaseException:
         _undo(model, entries)
         raise
     return model
+
+
+def _trace_methods(model: nn.Module, surgery: Surgery) -> None:
+    """Trace each method's default call; fall back to running the model eagerly when forward cannot be."""
+    recipe = surgery.context.recipe
+    for name, signature in surgery.signatures.items():
+        variant = surgery.add_variant(model, name, signature.default_layout())
+        if variant is None and name == "forward":
+            warn(f"{surgery.model_name} cannot be traced ({surgery.notes[-1]}); {FALLBACK}")
+            surgery.notes[-1] += "; only masks, rescaling and eager ghost neurons"
+            surgery.tracing, surgery.variants = None, {}
+            if "skips" in surgery.enabled:
+                surgery.notes.append("ghost skips not applied: they need a graph")
+            surgery.enabled = surgery.enabled - {"skips"}
+            if "neurons" in surgery.enabled:
+                kinds = {"relu", "relu6"} if recipe.neuron_relu6 else {"relu"}
+                surgery.eager_neurons = EagerNeurons(model, kinds, recipe.soft_activation, surgery.schedule)
+            return
+        if variant is None:
+            del surgery.signatures[name]
+            warn(
+                f"{surgery.model_name}.{name} cannot be traced ({surgery.notes[-1]}); it runs the masked layers "
+                "without the scaffolding, so during the warm-up it computes another network than forward."
+            )
+        else:
+            signature.prefill()
+    surgery.sync()
+
+
+def _methods_to_rewrite(model: nn.Module, methods: Iterable[str]) -> tuple[str, ...]:
+    """forward, the default methods the class has, and the methods asked for (which it must have)."""
+    if isinstance(methods, str):
+        raise TostSurgeryError(f"methods takes a list of method names, found the str {methods!r}.\n"
+                               f"Hint: methods=[{methods!r}]")
+    cls = type(model)
+    names = ["forward"] + [m for m in DEFAULT_METHODS if inspect.isfunction(getattr(cls, m, None))]
+    for name in methods:
+        if not isinstance(name, str) or not inspect.isfunction(getattr(cls, name, None)):
+            candidates = [n for n in dir(cls) if not n.startswith("_") and inspect.isfunction(getattr(cls, n, None))]
+            raise TostSurgeryError(
+                f"methods names {name!r}, which is no method of {cls.__name__}." + did_you_mean(str(name), candidates)
+            )
+        if name not in names:
+            names.append(name)
+    patched = [n for n in names if n in model.__dict__ and n != "forward"]
+    if patched:
+        raise StateError(
+            f"{cls.__name__} has {patched[0]!r} set on the instance; tost_surgery rewrites the class's method.\n"
+            "Hint: prepare the plain model, before patching it."
+        )
+    return tuple(names)
 
 
 def _zero_and_rescale(entries: list[MaskEntry], factors: Mapping[str, torch.Tensor | float], surgery: Surgery) -> None:
@@ -341,7 +467,9 @@ def _undo(model: nn.Module, entries: list[MaskEntry]) -> None:
     eager = getattr(getattr(scaffold, "surgery", None), "eager_neurons", None)
     if eager is not None:
         eager.swap(ghosts=False)
+    installed = getattr(getattr(scaffold, "surgery", None), "installed", ())
     if "tost" in model._modules:
         del model._modules["tost"]
-    model.__dict__.pop("forward", None)
+    for name in installed:
+        model.__dict__.pop(name, None)
 

@@ -97,9 +97,10 @@ def graph(model: nn.Module, *, training: bool | None = None) -> fx.GraphModule:
         >>> print(tost_surgery.graph(model).code)
     """
     surgery = surgery_of(model, "graph")
-    if surgery.pristine is None:
+    variant = surgery.default_variant
+    if variant is None:
         raise StateError(
             f"graph: {surgery.model_name} runs eagerly: torch.fx could not trace it ({'; '.join(surgery.notes)})."
         )
     mode = model.training if training is None else bool(training)
-    return fx.GraphModule(model, copy.deepcopy(surgery.graphs[mode]), class_name=f"{surgery.model_name}Tost")
+    return fx.GraphModule(model, copy.deepcopy(variant.graphs[mode]), class_name=f"{surgery.model_name}Tost")

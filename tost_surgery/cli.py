@@ -8,13 +8,15 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.text import Text
 from torch import nn
 
 from . import masks
-from ._errors import TostSurgeryError
+from ._errors import TostSurgeryError, did_you_mean
 from ._plan import plan
 from ._recipe import Recipe
 from ._report import report
@@ -30,12 +32,21 @@ def build_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
             f"Model {spec!r} is not SOURCE:NAME.\nHint: tv:resnet18, timm:resnet50, mypkg.nets:build"
         )
     if source == "tv":
-        import torchvision
-
+        torchvision = _import_extra("torchvision")
+        known = torchvision.models.list_models()
+        if name not in known:
+            raise TostSurgeryError(
+                f"torchvision has no model {name!r}." + did_you_mean(name, known)
+                + "\nHint: torchvision.models.list_models() lists them."
+            )
         return torchvision.models.get_model(name, weights=None), (3, 224, 224)
     if source == "timm":
-        import timm
-
+        timm = _import_extra("timm")
+        if not timm.is_model(name):
+            raise TostSurgeryError(
+                f"timm has no model {name!r}." + did_you_mean(name, timm.list_models())
+                + f"\nHint: timm.list_models({name[:4] + '*'!r}) lists those whose name starts the same."
+            )
         model = timm.create_model(name, pretrained=False)
         return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     try:
@@ -43,6 +54,32 @@ def build_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     except (ImportError, AttributeError) as error:
         raise TostSurgeryError(f"Cannot import {name!r} from {source!r}: {error}") from error
     return factory(), None
+
+
+def _import_extra(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise TostSurgeryError(
+            f"{name} is not installed, so {name} models cannot be built.\n"
+            'Hint: pip install "tost-surgery[timm]" (it brings timm and torchvision).'
+        ) from error
+
+
+def load_checkpoint(path: str, what: str = "checkpoint") -> object:
+    """``torch.load(path, weights_only=True)``, with a :class:`TostSurgeryError` for a missing or unreadable file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise TostSurgeryError(f"No {what} at {path!r}.") from error
+    except IsADirectoryError as error:
+        raise TostSurgeryError(f"{path!r} is a directory, not a {what} file.") from error
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types for a file that is no checkpoint
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
+        raise TostSurgeryError(
+            f"{path!r} is not a {what} torch.load can read ({reason}).\n"
+            "Hint: pass a file written by torch.save(model.state_dict(), path) or torch.save(mask, path)."
+        ) from error
 
 
 def _mask(model: nn.Module, method: str, sparsity: float, seed: int, input_size) -> dict[str, torch.Tensor]:
@@ -58,9 +95,16 @@ def _mask(model: nn.Module, method: str, sparsity: float, seed: int, input_size)
         return masks.synflow(model, sparsity, input_shape=tuple(input_size))
     if method == "nm":
         return masks.nm(model)
-    loaded = torch.load(method, map_location="cpu", weights_only=True)
+    if not Path(method).exists() and not any(sep in method for sep in "/\\.") and method not in MASK_METHODS:
+        raise TostSurgeryError(
+            f"--mask {method!r} is neither a method nor a file." + did_you_mean(method, MASK_METHODS)
+            + f"\nHint: one of {', '.join(MASK_METHODS)}, or the path of a saved mask or pruned state_dict."
+        )
+    loaded = load_checkpoint(method, "mask")
+    if not isinstance(loaded, dict):
+        raise TostSurgeryError(f"--mask {method!r} holds a {type(loaded).__name__}, not a mask or state_dict.")
     params = dict(model.named_parameters())
-    if all(k in params and v.dtype == torch.bool for k, v in loaded.items()):
+    if all(k in params and isinstance(v, torch.Tensor) and v.dtype == torch.bool for k, v in loaded.items()):
         return loaded
     return masks.from_state_dict(loaded)
 
@@ -100,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tost-surgery`` and ``python -m tost_surgery``."""
+    """Entry point of ``tost-surgery`` and ``python -m tost_surgery``: 0 on success, 2 on a user error."""
     args = _parser().parse_args(argv)
     console = Console()
     try:
@@ -109,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             result = _report(args.checkpoint)
     except TostSurgeryError as error:
-        Console(stderr=True).print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+        Console(stderr=True).print(Text.assemble(("error:", "red"), f" {error}"), highlight=False)
         return 2
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -127,20 +171,31 @@ def _plan(args: argparse.Namespace):
         recipe = Recipe.tost(total_steps=args.total_steps, **settings)
     else:
         recipe = Recipe.baseline(**settings)
-    result = plan(model, mask, recipe, input_size=input_size)
-    return result
+    return plan(model, mask, recipe, input_size=input_size)
 
 
 def _report(path: str):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as error:
-        raise TostSurgeryError(f"No checkpoint at {path!r}.") from error
+    state = load_checkpoint(path)
     if not isinstance(state, dict):
         raise TostSurgeryError(f"{path!r} holds a {type(state).__name__}, not a state_dict.")
     suffix = ".parametrizations.weight.0.mask"
     prepared = {k[: -len(suffix)] + ".weight": v.bool() for k, v in state.items() if k.endswith(suffix)}
-    return report(prepared if prepared else masks.from_state_dict(state))
+    return report(prepared if prepared else _checkpoint_masks(state))
+
+
+def _checkpoint_masks(state: dict) -> dict[str, torch.Tensor]:
+    """Nonzeros of a plain checkpoint's conv/linear-like weights: the pruned ones and those left dense."""
+    pruned = masks.from_state_dict(state)
+    layers = {}
+    for key, value in state.items():  # checkpoint order
+        if key in pruned:
+            layers[key] = pruned[key]
+        elif (key == "weight" or key.endswith(".weight")) and isinstance(value, torch.Tensor) and (
+            value.is_floating_point() and value.dim() >= 2
+        ):
+            layers[key] = value != 0
+    layers.update({k: v for k, v in pruned.items() if k not in layers})  # torch.nn.utils.prune's weight_mask
+    return layers
 
 
 if __name__ == "__main__":

@@ -30,12 +30,15 @@ class PassContext:
     modules: dict[str, nn.Module]
     scaffold: Scaffold
     conv_to_skip: dict[str, str | None] = field(default_factory=dict)
+    can_add_modules: bool = True
+    """False once prepare has returned: a graph traced later reuses the ghost modules it made (a new
+    one would be missing from the optimizer and from checkpoints)."""
 
 
-def schedule_coefficient(graph: fx.Graph, name: str, technique: str) -> fx.Node:
-    """A tagged ``get_attr`` of ``tost.schedule.<name>``, placed before every possible user."""
+def schedule_coefficient(graph: fx.Graph, technique: str) -> fx.Node:
+    """A tagged call ``tost.schedule(technique)``, the annealed coefficient, placed before every possible user."""
     first = next(node for node in graph.nodes if node.op != "placeholder")
     with graph.inserting_before(first):
-        node = graph.get_attr(f"{SCHEDULE}.{name}")
+        node = graph.call_module(SCHEDULE, (technique,))
     node.meta[TAG] = technique
     return node

@@ -8,15 +8,15 @@ traced in both modes, as torchvision's feature extraction does.
 from __future__ import annotations
 
 import copy
-import inspect
-import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from .._errors import TraceError
+from .._errors import TraceError, warn
 from ._context import CONSTANTS
+from ._layout import CallSignature, Layout
 
 LeafSpec = Iterable["type[nn.Module] | str"]
 
@@ -77,66 +77,76 @@ def _split_leaves(model: nn.Module, leaf_modules: LeafSpec) -> tuple[tuple[type,
     return tuple(types), frozenset(names)
 
 
-def _concrete_args(model: nn.Module) -> dict[str, object]:
-    """Optional arguments that default to None or a bool are traced as constants.
+@dataclass
+class Tracing:
+    """How to trace a model's methods, call layout by call layout; shared by every trace of one model.
 
-    Traced as proxies they would make the graph fail when called without them (hiera's
-    ``forward(x, mask=None)``).
+    ``leaf_names`` grows when a submodule turns out to be untraceable, so later traces keep it whole
+    too. ``hidden`` names the methods prepare has set on the instance: traces see the class's own.
     """
-    concrete = {}
-    for p in inspect.signature(model.forward).parameters.values():
-        if p.default is None or isinstance(p.default, bool):
-            concrete[p.name] = p.default
-    return concrete
+
+    leaf_types: tuple[type, ...]
+    leaf_names: set[str]
+    autowrap: tuple
+    strict: bool = False
+    hidden: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, model: nn.Module, leaf_modules: LeafSpec = (), *, strict: bool = False) -> Tracing:
+        leaf_types, leaf_names = _split_leaves(model, leaf_modules)
+        timm_types, timm_functions = ecosystem_leaves()
+        return cls(leaf_types + timm_types, set(leaf_names), timm_functions, strict)
 
 
-def trace_per_mode(
-    model: nn.Module, leaf_modules: LeafSpec = (), *, strict: bool = False
+def trace_call(
+    model: nn.Module, tracing: Tracing, method: str, signature: CallSignature, layout: Layout, prefix: str = ""
 ) -> tuple[dict[bool, fx.Graph] | None, list[str], dict[str, torch.Tensor]]:
-    """Return ``({True: train_graph, False: eval_graph}, notes, constants)``; one graph when the modes agree.
+    """Return ``({True: train_graph, False: eval_graph}, notes, constants)`` for calls of ``method`` with ``layout``.
 
-    Tensors that forward creates (``torch.tensor(...)`` in timm's swin, beit, eva) are stored by
-    torch.fx as new attributes of the model; they are taken off the model and returned as
-    ``constants``, to be registered under ``tost.constants`` where the graphs now read them.
+    The graphs take the layout's inputs as placeholders, in order; the layout's constants are
+    traced in. One graph serves both modes when they agree. Tensors that the method creates
+    (``torch.tensor(...)`` in timm's swin, beit, eva) are stored by torch.fx as new attributes of
+    the traced root; they are returned as ``constants``, to be registered under
+    ``tost.constants`` where the graphs now read them.
 
-    A submodule that torch.fx cannot trace is called whole instead (a leaf), with a warning
-    and a note naming it. When the model's own forward cannot be traced the graphs are
-    None. ``strict`` turns both into a :class:`TraceError`. The model's training flags and
-    the Python state of its modules are as before afterwards.
+    A submodule that torch.fx cannot trace is called whole instead (a leaf), with a warning and a
+    note naming it. When the method itself cannot be traced the graphs are None. ``strict`` turns
+    both into a :class:`TraceError`. The model's training flags and the Python state of its
+    modules are as before afterwards.
     """
-    leaf_types, leaf_names = _split_leaves(model, leaf_modules)
-    timm_types, timm_functions = ecosystem_leaves()
-    concrete = _concrete_args(model)
+    function = getattr(type(model), method)
+    root_function = signature.root_function(function, layout, getattr(function, "__globals__", {}))
     flags = [(m, m.training) for m in model.modules()]
     snapshot = _snapshot_python_state(model)
     graphs: dict[bool, fx.Graph] = {}
     sources: dict[bool, str] = {}
     constants: dict[bool, dict[str, torch.Tensor]] = {}
     notes: list[str] = []
+    owner = f"{type(model).__name__}.{method}"
     try:
         mode = True
         while len(graphs) < 2:
             model.train(mode)
-            tracer = _Tracer(leaf_types + timm_types, leaf_names, timm_functions)
+            root = _stand_in(model, root_function, tracing.hidden)
+            tracer = _Tracer(tracing.leaf_types, frozenset(tracing.leaf_names), tracing.autowrap)
             try:
-                graphs[mode] = tracer.trace(model, concrete_args=concrete or None)
+                graphs[mode] = tracer.trace(root)
                 sources[mode] = graphs[mode].python_code("self").src
-                constants[mode] = _lift_constants(model, graphs[mode], snapshot, "train" if mode else "eval")
+                constants[mode] = _lift_constants(root, graphs[mode], prefix + ("train" if mode else "eval"))
                 mode = False
             except TraceError:
                 raise
             except Exception as error:  # noqa: BLE001 - any tracing failure is reported the same way
-                failure = _trace_error(model, tracer, error)
+                failure = _trace_error(model, owner, tracer, error)
                 where = failure.where
-                if strict or where in leaf_names or len(notes) >= _MAX_AUTO_LEAVES:
+                if tracing.strict or where in tracing.leaf_names or len(notes) >= _MAX_AUTO_LEAVES:
                     raise failure from error
                 if not where:
-                    notes.append(f"not traceable: {failure.reason}; only masks, rescaling and eager ghost neurons")
-                    _warn(f"{type(model).__name__} cannot be traced ({failure.reason}); {_FALLBACK}")
+                    notes.append(f"{owner} not traceable: {failure.reason}")
                     return None, notes, {}
-                leaf_names = leaf_names | {where}
+                tracing.leaf_names.add(where)
                 notes.append(f"{where} ({type(model.get_submodule(where)).__name__}) called whole: {failure.reason}")
-                _warn(
+                warn(
                     f"submodule {where!r} ({type(model.get_submodule(where)).__name__}) cannot be traced "
                     f"({failure.reason}); it is called whole and gets no scaffolding inside. "
                     "Pass strict=True to make this an error."
@@ -154,42 +164,48 @@ def trace_per_mode(
     return graphs, notes, {**constants[True], **constants[False]}
 
 
-def _lift_constants(
-    model: nn.Module, graph: fx.Graph, snapshot: Sequence[tuple[nn.Module, dict, dict]], prefix: str
-) -> dict[str, torch.Tensor]:
-    """Point ``get_attr`` nodes that read attributes tracing added at ``tost.constants``."""
-    existing = set(snapshot[0][1]) | set(model._modules) | set(model._parameters) | set(model._buffers)
+def _stand_in(model: nn.Module, root_function: Callable, hidden: frozenset[str]) -> nn.Module:
+    """An object that is ``model`` to torch.fx, except that its class's forward is ``root_function``.
+
+    It shares the model's modules, parameters and buffers (and so every module path), and has a
+    copy of the model's own attributes: tracing writes its tensor constants there, not on the model.
+    """
+    cls = type(model)
+    stand_in_class = type(cls)(cls.__name__, (cls,), {"forward": root_function, "__module__": cls.__module__})
+    stand_in = object.__new__(stand_in_class)
+    stand_in.__dict__.update({k: v for k, v in model.__dict__.items() if k not in hidden})
+    return stand_in
+
+
+def _lift_constants(root: nn.Module, graph: fx.Graph, prefix: str) -> dict[str, torch.Tensor]:
+    """Point ``get_attr`` nodes that read attributes tracing added to ``root`` at ``tost.constants``."""
+    existing = set(root._modules) | set(root._parameters) | set(root._buffers)
     lifted: dict[str, torch.Tensor] = {}
     for node in graph.nodes:
         if node.op != "get_attr":
             continue
-        root, _, rest = str(node.target).partition(".")
-        if root in existing:
+        first, _, rest = str(node.target).partition(".")
+        if first in existing:
             continue
-        name = f"{prefix}_{root}"
-        lifted[name] = getattr(model, root)
+        name = f"{prefix}_{first}"
+        lifted[name] = getattr(root, first)
         node.target = f"{CONSTANTS}.{name}" + (f".{rest}" if rest else "")
     return lifted
 
 
 _MAX_AUTO_LEAVES = 200
-_FALLBACK = (
+FALLBACK = (
     "it runs eagerly: masks and rescaling apply, its nn.ReLU modules become ghost neurons, "
     "and there are no ghost skips. Pass strict=True to make this an error."
 )
 
 
-def _warn(message: str) -> None:
-    from .._errors import TostSurgeryWarning
-
-    warnings.warn(f"tost_surgery: {message}", TostSurgeryWarning, stacklevel=4)
-
-
-def _trace_error(model: nn.Module, tracer: _Tracer, error: Exception) -> TraceError:
+def _trace_error(model: nn.Module, owner: str, tracer: _Tracer, error: Exception) -> TraceError:
     stack = list(getattr(tracer, "module_stack", {}).items())
     where = next((name for name, _ in reversed(stack) if name), "")
     module_type = type(model.get_submodule(where)).__name__ if where else ""
-    place = f"in submodule {where!r} ({module_type})" if where else f"in {type(model).__name__}.forward"
+    place = f"in submodule {where!r} ({module_type})" if where else f"in {owner}"
+    owner = owner.removesuffix(".forward")
     hint = (
         f"Hint: pass leaf_modules=[{where!r}] (or its class {module_type}) to keep it whole"
         if where
@@ -197,7 +213,7 @@ def _trace_error(model: nn.Module, tracer: _Tracer, error: Exception) -> TraceEr
     )
     reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     failure = TraceError(
-        f"torch.fx could not trace {type(model).__name__} {place}: {reason}\n{hint}; "
+        f"torch.fx could not trace {owner} {place}: {reason}\n{hint}; "
         "the rewritten graph then calls it as one opaque module."
     )
     failure.where, failure.reason = where, reason

@@ -22,7 +22,7 @@ def insert_ghost_neurons(graph: fx.Graph, context: PassContext) -> None:
 
         y = relu(x)            # nn.ReLU, F.relu, torch.relu, x.relu_(), ...
 
-    After (``b`` is ``tost.schedule.neuron_blend``, annealed 0 -> 1)::
+    After (``b = tost.schedule("neurons")``, annealed 0 -> 1)::
 
         s = soft(x)            # F.silu by default
         h = torch.relu(x)      # out of place: soft(x) must see the input unchanged
@@ -41,7 +41,7 @@ def insert_ghost_neurons(graph: fx.Graph, context: PassContext) -> None:
             continue
         x = node.args[0]
         if blend is None:
-            blend = schedule_coefficient(graph, "neuron_blend", "neurons")
+            blend = schedule_coefficient(graph, "neurons")
         with graph.inserting_before(node):
             smooth = _tagged(graph.call_function(soft, (x,)))
             hard = graph.call_function(HARD_ACTIVATIONS[site], (x,))

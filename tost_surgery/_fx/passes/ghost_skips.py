@@ -22,7 +22,7 @@ def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
         c = conv(x)
         n = bn(c)              # when a BatchNorm follows; else the skip lands on c
 
-    After (``a`` is ``tost.schedule.skip_scale``, annealed 1 -> 0)::
+    After (``a = tost.schedule("skips")``, annealed 1 -> 0)::
 
         c = conv(x)
         n = bn(c)
@@ -42,7 +42,7 @@ def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
         x = node.args[0]
         users = list(target.users)
         if scale is None:
-            scale = schedule_coefficient(graph, "skip_scale", "skips")
+            scale = schedule_coefficient(graph, "skips")
         with graph.inserting_before(target.next):
             ghost = x if branch is None else _tagged(graph.call_module(branch, (x,)))
             out = _tagged(graph.call_function(torch.addcmul, (target, scale, ghost)))
@@ -68,6 +68,8 @@ def _branch_target(node: fx.Node, context: PassContext) -> object:
         if not recipe.skip_pointwise and tuple(module.kernel_size) == (1, 1) and module.groups == 1:
             return _NO_SITE  # the 1x1 branch would be a dense copy of this 1x1 layer
         key = str(node.target)
+        if key not in context.conv_to_skip and not context.can_add_modules:
+            return _NO_SITE
         if key not in context.conv_to_skip:
             square = module.in_channels == module.out_channels
             branch = "bn" if recipe.skip_branch == "auto" and square else "conv_bn"
