@@ -129,7 +129,8 @@ def test_report_of_a_finalized_checkpoint_counts_the_layers_left_dense(tmp_path,
     prepared = run_json(capsys, "report", str(tmp_path / "prepared.pt"))
     final = run_json(capsys, "report", str(tmp_path / "final.pt"))
     assert [r["name"] for r in final["rows"]] == [r["name"] for r in prepared["rows"]]
-    assert (final["kept"], final["total"], final["density"]) == (prepared["kept"], prepared["total"], prepared["density"])
+    for key in ("kept", "total", "density"):
+        assert final[key] == prepared[key], key
 
 
 def test_python_dash_m_entry_point() -> None:
