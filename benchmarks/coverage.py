@@ -350,18 +350,17 @@ class Worker:
         returned = tost.prepare(model, mask, tost.Recipe.tost(**SWEEP_RECIPE))
         self.row["prepare_s"] = round(time.perf_counter() - t0, 3)
         self.stage("inspect")
-        surgery = model.tost.surgery
-        whole = sum("called whole" in note for note in surgery.notes)
-        if surgery.default_variant is None:
+        status = tost.status(model)
+        whole = sum("called whole" in note for note in status.notes)
+        if not status.traced:
             self.row["traced"] = "eager"
-            sites = surgery.eager_neurons.sites if surgery.eager_neurons is not None else []
-            self.row["ghost_neurons"], self.row["ghost_skips"] = len(sites), 0
+            self.row["ghost_neurons"], self.row["ghost_skips"] = status.sites.get("neurons", 0), 0
         else:
             self.row["traced"] = f"partial: {whole} blocks whole" if whole else "full"
             g = tost.graph(model, training=True).graph
             self.row["ghost_neurons"] = sum(n.op == "call_function" and n.target is torch.lerp for n in g.nodes)
             self.row["ghost_skips"] = sum(n.op == "call_function" and n.target is torch.addcmul for n in g.nodes)
-        self.row["masked_layers"] = len(surgery.entries)
+        self.row["masked_layers"] = status.masked
         problems: list[str] = []
         if returned is not model or type(model) is not cls:
             problems.append(f"(a) prepare returned a {type(returned).__name__}, not the model itself")

@@ -270,19 +270,21 @@ class EpochLog:
         self.rows: list[dict] = []
 
     def __call__(self, epoch, epochs, model, optimizer, train_loss, train_acc, seconds) -> None:
-        schedule, surgery = model.tost.schedule, model.tost.surgery
+        status = tost.status(model)
         row = {
             "epoch": epoch,
-            "step": schedule.steps_taken,
+            "step": status.step,
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": train_loss,
             "train_acc": train_acc,
             "val_loss": math.nan,
             "val_acc": math.nan,
             "label_smoothing": tost.label_smoothing(model),
-            "neuron_blend": schedule.neuron_blend.item(),
-            "skip_scale": schedule.skip_scale.item(),
-            "scaffolding": "+".join(sorted(surgery.active)) or ("retired" if surgery.enabled else "none"),
+            "neuron_blend": status.techniques["neurons"].value,
+            "skip_scale": status.techniques["skips"].value,
+            "scaffolding": "+".join(n for n in status.active if status.techniques[n].scaffolding) or (
+                "retired" if any(t.state == "retired" and t.scaffolding for t in status.techniques.values()) else "none"
+            ),
             "seconds": seconds,
         }
         if len(self.data.y_val):

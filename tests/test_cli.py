@@ -25,24 +25,24 @@ def test_plan_leaves_the_model_untouched(tiny) -> None:
     result = tost.plan(tiny, bernoulli_mask(tiny), tost.Recipe.tost(total_steps=10), input_size=(3, 16, 16))
     assert type(tiny) is TinyNet and not hasattr(tiny, "tost") and "forward" not in tiny.__dict__
     assert all(torch.equal(tiny.state_dict()[k], v) for k, v in state.items())
-    assert len(result.ghost_neurons) == 4 and len(result.ghost_skips) == 3
+    assert len(result.sites["neurons"]) == 4 and len(result.sites["skips"]) == 3
     assert result.macs["masked"] < result.macs["dense"] and result.macs["scaffolding"] > 0
     assert result.scaffold_params == sum(p.numel() for p in tost.prepare(tiny, bernoulli_mask(tiny),
                                          tost.Recipe.tost(total_steps=10)).tost.parameters())
     assert "ghost skip" in str(result)
     # Each skip names its branch: conv2 keeps its 8 channels, so skip_branch="auto" gives it a BatchNorm.
-    assert [site.rsplit(" ", 1)[-1] for site in result.ghost_skips] == ["(conv1x1+bn)", "(bn)", "(conv1x1+bn)"]
+    assert [site.rsplit(" ", 1)[-1] for site in result.sites["skips"]] == ["(conv1x1+bn)", "(bn)", "(conv1x1+bn)"]
     fresh = TinyNet()
     conv_bn = tost.plan(fresh, bernoulli_mask(fresh), tost.Recipe.tost(total_steps=10, skip_branch="conv_bn"),
                         input_size=(3, 16, 16))
-    assert all(site.endswith("(conv1x1+bn)") for site in conv_bn.ghost_skips)
+    assert all(site.endswith("(conv1x1+bn)") for site in conv_bn.sites["skips"])
 
 
 def test_plan_torchvision_resnet18(capsys) -> None:
     pytest.importorskip("torchvision")
     data = run_json(capsys, "plan", "tv:resnet18", "--sparsity", "0.95", "--input-size", "3", "32", "32")
     # 20 convs, but by default the 3 downsample 1x1 convs get no ghost skip (skip_pointwise=False).
-    assert len(data["ghost_neurons"]) == 17 and len(data["ghost_skips"]) == 17
+    assert len(data["sites"]["neurons"]) == 17 and len(data["sites"]["skips"]) == 17
     assert data["layers"]["kept"] == round(0.05 * data["layers"]["total"])
     assert data["macs"]["dense"] > data["macs"]["masked"] > 0
 
@@ -51,13 +51,13 @@ def test_plan_timm_with_recipe_overrides(capsys) -> None:
     pytest.importorskip("timm")
     data = run_json(capsys, "plan", "timm:resnet18", "--mask", "random", "--set", "ghost_skips=False",
                     "--set", "soft_activation=mish", "--input-size", "3", "32", "32")
-    assert data["ghost_skips"] == [] and len(data["ghost_neurons"]) == 17
+    assert "skips" not in data["sites"] and len(data["sites"]["neurons"]) == 17
     assert data["recipe"]["soft_activation"] == "mish"
 
 
 def test_plan_module_callable(capsys) -> None:
     data = run_json(capsys, "plan", "tests.conftest:TinyNet", "--recipe", "baseline", "--input-size", "3", "16", "16")
-    assert data["ghost_neurons"] == [] and data["model_params"] == sum(p.numel() for p in TinyNet().parameters())
+    assert data["sites"] == {} and data["model_params"] == sum(p.numel() for p in TinyNet().parameters())
 
 
 def test_report_finalized_and_prepared_checkpoints(tmp_path, capsys, tiny) -> None:

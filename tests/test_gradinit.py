@@ -116,7 +116,7 @@ def test_prepared_model_changes_only_by_the_scales(images) -> None:
     before = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
     surgery = model.tost.surgery
-    layers = {e.name: e for e in surgery.entries}
+    layers = {e.name: e for e in surgery.decided.entries}
 
     result = gradinit(model, images_batches(), steps=5)
 
@@ -129,7 +129,7 @@ def test_prepared_model_changes_only_by_the_scales(images) -> None:
         name = f"{owner}.weight"
         if key.endswith("parametrizations.weight.original"):
             assert torch.equal(after[key], value * result.scales[name]), key
-            assert surgery.rescaled[name] == pytest.approx(result.scales[name])
+            assert surgery.decided.rescaled[name] == pytest.approx(result.scales[name])
         else:  # BatchNorm running statistics, masks, scaffolding, the schedule's step
             assert torch.equal(after[key], value), key
     for entry in layers.values():
@@ -227,10 +227,11 @@ def test_a_prepared_model_uses_its_own_masks() -> None:
 
 def test_stacking_on_the_fan_in_rule_is_flagged() -> None:
     model = tost.prepare(TinyNet(), bernoulli_mask(TinyNet()), Recipe.tost(total_steps=20))  # conv3, fc rescaled
-    fan_in = dict(model.tost.surgery.rescaled)
+    fan_in = dict(model.tost.surgery.decided.rescaled)
     with pytest.warns(TostSurgeryWarning, match="rescale_rule='gradinit'"):
         result = gradinit(model, images_batches(), steps=1)
-    assert model.tost.surgery.rescaled["fc.weight"] == pytest.approx(fan_in["fc.weight"] * result.scales["fc.weight"])
+    rescaled = model.tost.surgery.decided.rescaled
+    assert rescaled["fc.weight"] == pytest.approx(fan_in["fc.weight"] * result.scales["fc.weight"])
 
 
 # ------------------------------------------------------------------ Recipe(rescale_rule="gradinit")
@@ -248,23 +249,23 @@ def test_the_recipe_can_choose_gradinit_over_the_fan_in_rule() -> None:
     plain = TinyNet()
     mask = bernoulli_mask(plain)
     model = gradinit_prepared()
-    assert model.tost.surgery.rescaled == {}  # prepare applied no deterministic scale
+    assert model.tost.surgery.decided.rescaled == {}  # prepare applied no deterministic scale
     for name, m in mask.items():
         expected = dict(plain.named_parameters())[name].detach() * m
         module_name, attr = name.rsplit(".", 1)
         assert torch.equal(getattr(model.get_submodule(module_name), attr).detach(), expected), name
-    in_scope = set(model.tost.surgery.gradinit_layers)
+    in_scope = set(model.tost.surgery.decided.gradinit_layers)
     assert in_scope == {"conv3.weight", "fc.weight"}  # the layers feeding no BatchNorm (rescale_scope)
     result = gradinit(model, images_batches(), steps=3)
     assert set(result.scales) == in_scope
-    assert set(model.tost.surgery.rescaled) == in_scope
+    assert set(model.tost.surgery.decided.rescaled) == in_scope
     assert bool(model.tost.gradinit_done)
 
 
 def test_rescale_scope_all_gives_gradinit_every_masked_layer() -> None:
     model = gradinit_prepared(rescale_scope="all")
     result = gradinit(model, images_batches(), steps=1)
-    assert set(result.scales) == {e.name for e in model.tost.surgery.entries if e.given.dim() >= 2}
+    assert set(result.scales) == {e.name for e in model.tost.surgery.decided.entries if e.given.dim() >= 2}
 
 
 def test_training_before_gradinit_warns_once() -> None:
@@ -298,7 +299,7 @@ def test_gradinit_with_no_layer_in_scope_says_which_scope() -> None:
     recipe = Recipe.baseline(rescale_init=True, rescale_rule="gradinit")
     tost.prepare(model, {"0.weight": torch.ones(4, 3, 3, 3)}, recipe)
     assert not hasattr(model.tost, "gradinit_done")
-    assert any("rescale_scope='unnormalized'" in note for note in model.tost.surgery.notes)
+    assert any("rescale_scope='unnormalized'" in note for note in model.tost.surgery.runner.notes)
     batches = [(torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2,)))]
     with pytest.raises(TostSurgeryError, match="rescale_scope='all'"):
         gradinit(model, batches, loss_fn=lambda out, y: out.mean(), steps=1)

@@ -216,7 +216,7 @@ def test_prepare_train_retire_finalize_on_random_architectures(data, layers, rec
     objects = {name: p for name, p in model.named_parameters()}
 
     tost.prepare(model, mask, recipe)
-    rescaled = model.tost.surgery.rescaled
+    rescaled = model.tost.surgery.decided.rescaled
     for name, value in before.items():  # 1. nothing but masking (and rescaling) happened
         now = effective(model, name).detach()
         if name not in mask:

@@ -104,15 +104,17 @@ def test_ticket_trains_better_than_random_masks_of_the_same_density() -> None:
         assert ticket_loss < 0.5 * loss, results
 
 
-def test_each_round_trains_a_prepared_copy_from_the_rewind_state_at_the_scheduled_density() -> None:
+def test_each_round_trains_a_masked_copy_from_the_rewind_state_at_the_scheduled_density() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
     rewind = {key: torch.randn_like(value) for key, value in model.state_dict().items()}
     seen = []
 
     def record(copy_: nn.Module) -> None:
-        entries = copy_.tost.surgery.entries  # prepared, so masked weights stay zero while training
-        mask = {entry.name: entry.mask for entry in entries}
+        mask = {  # parametrized, so masked weights stay zero while training
+            f"{name}.weight": m.parametrizations.weight[0].mask != 0
+            for name, m in copy_.named_modules() if isinstance(m, nn.Linear)
+        }
         for name, value in mask.items():
             weight = copy_.get_submodule(name.rpartition(".")[0]).weight
             assert torch.equal(weight.detach(), rewind[name] * value)

@@ -16,7 +16,7 @@ import tost_surgery
 from tost_surgery import MaskError
 from tost_surgery.masks import _scores as scores_module
 from tost_surgery.masks import grasp, keep_top, magnitude, nm, prunable_weights, snip, synflow
-from tost_surgery.masks._scores import _grasp_scores, _snip_scores, _synflow_scores
+from tost_surgery.masks._scores import _grasp_scores, _snip_scores
 
 HYP = settings(max_examples=60, deadline=None)
 SPARSITIES = [0.5, 0.9, 0.98, 0.995]
@@ -284,6 +284,16 @@ def test_grasp_bad_temperature() -> None:
 
 
 # --------------------------------------------------------------------------- SynFlow
+
+
+def _synflow_scores(model, names, input_shape, masks=None):
+    """One scoring pass of synflow on a linearized copy, as synflow's own loop runs it."""
+    with scores_module._scratch_copy(model) as net:
+        scores_module._linearize(net)
+        if masks is None:
+            params = dict(net.named_parameters())
+            masks = {name: torch.ones_like(params[name], dtype=torch.bool) for name in names}
+        return scores_module._synflow_pass(net, names, tuple(input_shape), masks)
 
 
 def test_synflow_scores_by_hand_on_a_positive_linear_net() -> None:

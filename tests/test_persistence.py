@@ -140,7 +140,7 @@ def test_after_loading_another_mask_report_and_checks_see_the_loaded_one() -> No
     target = prepared(mask_seed=0)
     target.load_state_dict(source.state_dict(), strict=True)
     checkpoint_mask = bernoulli_mask(TinyNet(), seed=1)
-    entries = {e.name: e for e in target.tost.surgery.entries}
+    entries = {e.name: e for e in target.tost.surgery.decided.entries}
     for name, m in checkpoint_mask.items():
         assert torch.equal(entries[name].mask, m), name
         assert entries[name].kept == int(m.sum()), name

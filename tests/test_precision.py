@@ -122,10 +122,10 @@ def test_annealed_coefficients_stay_float32_when_the_model_is_cast(dtype) -> Non
     model.to(dtype)
     tost.step(model, 1)
     schedule = model.tost.schedule
-    assert schedule.neuron_blend.dtype == schedule.skip_scale.dtype == torch.float32
-    assert schedule.neuron_blend.item() == torch.tensor(1 / 3).item()
+    assert schedule("neurons").dtype == schedule("skips").dtype == torch.float32
+    assert schedule("neurons").item() == torch.tensor(1 / 3).item()
     model.to(dtype)  # a second cast keeps them too
-    assert schedule.neuron_blend.dtype == torch.float32 and schedule.neuron_blend.item() == torch.tensor(1 / 3).item()
+    assert schedule("neurons").dtype == torch.float32 and schedule("neurons").item() == torch.tensor(1 / 3).item()
     model(batch(0, dtype)[0])
 
 
@@ -134,9 +134,9 @@ def test_cast_coefficients_are_rounded_but_their_ends_are_exact() -> None:
     model = prepared_for_thirds()
     model.bfloat16()
     tost.step(model, 1)
-    assert abs(model.tost.schedule.neuron_blend.float().item() - 1 / 3) <= 2**-9
+    assert abs(model.tost.schedule("neurons").float().item() - 1 / 3) <= 2**-9
     tost.step(model, 2)
-    assert model.tost.schedule.neuron_blend.item() == 1.0 and model.tost.schedule.skip_scale.item() == 0.0
+    assert model.tost.schedule("neurons").item() == 1.0 and model.tost.schedule("skips").item() == 0.0
 
 
 def test_autocast_bfloat16_keeps_scaffolding_state_in_float32() -> None:
@@ -151,7 +151,7 @@ def test_autocast_bfloat16_keeps_scaffolding_state_in_float32() -> None:
     losses = train(model, autocast=True)
     assert all(torch.isfinite(torch.tensor(losses)))
     schedule = model.tost.schedule
-    assert schedule.neuron_blend.dtype == schedule.skip_scale.dtype == torch.float32
+    assert schedule("neurons").dtype == schedule("skips").dtype == torch.float32
     for skip in model.tost.skips.values():  # the branches' BatchNorm statistics stay float32
         assert skip.bn.running_var.dtype == torch.float32 and torch.isfinite(skip.bn.running_var).all()
     assert_masks_exact(model, mask, torch.float32)
@@ -229,5 +229,5 @@ def test_cuda_model_takes_a_cpu_mask() -> None:
     mask = bernoulli_mask(model)
     tost.prepare(model, {k: v.cpu() for k, v in mask.items()}, Recipe.tost(**RECIPE))
     assert model.conv1.parametrizations.weight[0].mask.device.type == "cuda"
-    assert model.tost.schedule.neuron_blend.device.type == "cuda"
+    assert model.tost.schedule("neurons").device.type == "cuda"
     model(batch(0)[0].cuda()).sum().backward()

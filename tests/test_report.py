@@ -86,13 +86,13 @@ def test_prepared_model_rows_show_scaffolding(tiny: TinyNet) -> None:
     mask = bernoulli_mask(tiny, density=0.3)
     recipe = tost.Recipe.tost(total_steps=10, skip_branch="auto", rescale_scope="all")
     model = tost.prepare(tiny, mask, recipe)
-    skips = model.tost.surgery.context.conv_to_skip
+    skips = model.tost.surgery.runner.context.conv_to_skip
     assert skips == {
         "conv1": "tost.skips.tost_skip_0",
         "conv2": "tost.skips.tost_skip_1",
         "conv3": "tost.skips.tost_skip_2",
     }
-    rescaled = model.tost.surgery.rescaled
+    rescaled = model.tost.surgery.decided.rescaled
 
     result = report(model)
 

@@ -79,7 +79,7 @@ def train(first: int, last: int, checkpoint_in: str | None, checkpoint_out: str 
         loss.backward()
         optimizer.step()
         scheduler.step()
-        active = sorted(model.tost.surgery.active)
+        active = sorted(model.tost.surgery.runner.active)
         log.append({"step": step, "loss": loss.item().hex(), "active": active})
     if checkpoint_out:
         state = {
@@ -127,7 +127,7 @@ def test_the_checkpoint_holds_the_schedule_and_the_masks(tmp_path) -> None:
     fresh, _, _ = build()
     fresh.load_state_dict(state)
     assert fresh.tost.schedule.steps_taken == SAVE_AT
-    assert fresh.tost.surgery.active == model.tost.surgery.active == frozenset({"skips"})
+    assert fresh.tost.surgery.runner.active == model.tost.surgery.runner.active == frozenset({"skips"})
     assert tost.label_smoothing(fresh) == tost.label_smoothing(model)
 
 

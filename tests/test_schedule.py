@@ -30,16 +30,16 @@ def test_cosine_progress_endpoints_and_midpoint() -> None:
 
 def test_coefficients_follow_the_steps() -> None:
     schedule = Schedule(Recipe.tost(total_steps=100, warmup=0.1, skip_warmup=0.2))
-    assert schedule.neuron_blend.item() == 0.0 and schedule.skip_scale.item() == 1.0
+    assert schedule("neurons").item() == 0.0 and schedule("skips").item() == 1.0
     schedule.advance(5)
-    assert schedule.neuron_blend.item() == pytest.approx(0.5)
-    assert schedule.skip_scale.item() == pytest.approx(0.75)
+    assert schedule("neurons").item() == pytest.approx(0.5)
+    assert schedule("skips").item() == pytest.approx(0.75)
     assert not schedule.is_finished("neurons")
     schedule.advance(5)
-    assert schedule.neuron_blend.item() == 1.0 and schedule.is_finished("neurons")
+    assert schedule("neurons").item() == 1.0 and schedule.is_finished("neurons")
     assert not schedule.is_finished("skips")
     schedule.advance(100)
-    assert schedule.skip_scale.item() == 0.0 and schedule.step.item() == 110
+    assert schedule("skips").item() == 0.0 and schedule.step.item() == 110
 
 
 def test_label_smoothing_constant_and_annealed() -> None:
@@ -62,5 +62,5 @@ def test_only_the_step_is_saved_and_load_resyncs() -> None:
     fresh = Schedule(recipe)
     fresh.load_state_dict(saved.state_dict())
     assert fresh.steps_taken == 2
-    torch.testing.assert_close(fresh.neuron_blend, saved.neuron_blend)
-    torch.testing.assert_close(fresh.skip_scale, saved.skip_scale)
+    torch.testing.assert_close(fresh("neurons"), saved("neurons"))
+    torch.testing.assert_close(fresh("skips"), saved("skips"))

@@ -195,7 +195,7 @@ def test_rescaling_skips_layers_that_feed_a_norm(tiny) -> None:
     mask = bernoulli_mask(tiny, density=0.25)
     before = {n: p.detach().clone() for n, p in tiny.named_parameters()}
     tost.prepare(tiny, mask, Recipe.tost(total_steps=10))  # rescale_scope="unnormalized"
-    assert set(tiny.tost.surgery.rescaled) == {"conv3.weight", "fc.weight"}
+    assert set(tiny.tost.surgery.decided.rescaled) == {"conv3.weight", "fc.weight"}
     torch.testing.assert_close(
         tiny.conv1.parametrizations.weight.original.detach(), before["conv1.weight"] * mask["conv1.weight"]
     )
@@ -337,7 +337,7 @@ def test_train_and_eval_each_run_their_own_graph(images) -> None:
 
 def test_one_graph_when_modes_agree(tiny) -> None:
     tost.prepare(tiny, bernoulli_mask(tiny))
-    forwards = tiny.tost.surgery.default_variant.forwards
+    forwards = tiny.tost.surgery.runner.default_variant.forwards
     assert forwards[True] is forwards[False]
 
 
@@ -470,7 +470,7 @@ def test_untraceable_block_is_called_whole_with_a_warning(images) -> None:
     reference = masked_reference(model, mask)
     with pytest.warns(tost.TostSurgeryWarning, match=r"submodule 'block' \(DataDependentBlock\) cannot be traced"):
         tost.prepare(model, mask, Recipe.tost(total_steps=2))
-    assert any("block" in note for note in model.tost.surgery.notes)
+    assert any("block" in note for note in model.tost.surgery.runner.notes)
     assert count_targets(model, torch.lerp) == 1 and count_targets(model, torch.addcmul) == 1
     tost.step(model, 2)
     x = images.abs()
@@ -485,7 +485,7 @@ def test_untraceable_model_runs_eagerly_with_ghost_relu_modules(images) -> None:
     with pytest.warns(tost.TostSurgeryWarning, match="cannot be traced.*runs eagerly"):
         tost.prepare(model, mask, Recipe.tost(total_steps=4, rescale_init=False))
     assert type(model.relu).__name__ == "EagerGhostNeuron"
-    assert "ghost skips not applied" in " ".join(model.tost.surgery.notes)
+    assert "ghost skips not applied" in " ".join(model.tost.surgery.runner.notes)
     x = images.abs()
     torch.testing.assert_close(model(x), F.silu(reference.conv(x)))
     with pytest.raises(tost.StateError, match="runs eagerly"):
@@ -504,7 +504,7 @@ def test_callable_mask(tiny, images) -> None:
         return param > 0 if name.startswith("conv") and name.endswith("weight") else None
 
     tost.prepare(tiny, keep_positive)
-    assert [e.name for e in tiny.tost.surgery.entries] == ["conv1.weight", "conv2.weight", "conv3.weight"]
+    assert [e.name for e in tiny.tost.surgery.decided.entries] == ["conv1.weight", "conv2.weight", "conv3.weight"]
     assert (tiny.conv2.weight >= 0).all()
 
 

@@ -48,7 +48,7 @@ def train_accumulating(model: nn.Module, optimizer_steps: int, *, bound: bool) -
         if not bound:
             tost.step(model)
         surgery = model.tost.surgery
-        states.append((surgery.schedule.steps_taken, tost.label_smoothing(model), surgery.active))
+        states.append((surgery.schedule.steps_taken, tost.label_smoothing(model), surgery.runner.active))
     return losses, states
 
 

@@ -89,9 +89,9 @@ def test_a_copy_of_the_state_follows_the_schedule(make_copy) -> None:
             assert ema.tost.surgery.pending() == model.tost.surgery.pending()
             continue
         torch.testing.assert_close(eval_out(ema, probe), eval_out(model, probe), atol=1e-6, rtol=0)
-    assert model.tost.surgery.active == frozenset() and ema.tost.schedule.steps_taken == STEPS + 1
+    assert model.tost.surgery.runner.active == frozenset() and ema.tost.schedule.steps_taken == STEPS + 1
     ema(probe)
-    assert ema.tost.surgery.active == frozenset()  # retired, so it runs at the masked model's speed
+    assert ema.tost.surgery.runner.active == frozenset()  # retired, so it runs at the masked model's speed
     expected = eval_out(ema, probe)
     tost.finalize(ema)
     torch.testing.assert_close(eval_out(ema, probe), expected, atol=1e-6, rtol=0)
@@ -112,7 +112,7 @@ def test_averaged_model_with_buffers_averages_the_step_too() -> None:
     assert torch.equal(mask, model.conv2.parametrizations.weight[0].mask)  # 0/1 masks average to themselves
     assert averaged.module.tost.schedule.steps_taken < model.tost.schedule.steps_taken
     averaged.module(data[0][0])
-    assert averaged.module.tost.surgery.active == averaged.module.tost.surgery.pending()
+    assert averaged.module.tost.surgery.runner.active == averaged.module.tost.surgery.pending()
 
 
 def test_deepcopy_of_a_bound_model_is_not_bound() -> None:
@@ -133,11 +133,11 @@ def test_loading_a_state_into_a_copy_retires_and_restores() -> None:
         train_step(model, optimizer, x, y)
     copy_loop(ema, model)
     ema(batches()[0][0])
-    assert ema.tost.surgery.active == frozenset()
+    assert ema.tost.surgery.runner.active == frozenset()
     with torch.no_grad():
         ema.tost.schedule.step.copy_(start["tost.schedule.step"])  # back to step 0 by hand
     ema(batches()[0][0])
-    assert ema.tost.surgery.active == {"neurons", "skips"}
+    assert ema.tost.surgery.runner.active == {"neurons", "skips"}
 
 
 # --- 2. tied weights --------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_a_tied_weight_named_twice_with_one_mask_is_accepted() -> None:
     model = TwoLinearsOneWeight()
     m = torch.rand(8, 8) > 0.5
     tost.prepare(model, {"a.weight": m, "b.weight": m.clone()})
-    assert len(model.tost.surgery.entries) == 1
+    assert len(model.tost.surgery.decided.entries) == 1
     assert torch.equal(model.b.weight != 0, m & (model.b.parametrizations.weight.original != 0))
 
 
@@ -283,7 +283,7 @@ def test_a_flag_runs_the_scaffolded_graph_of_its_own_value() -> None:
     out, features = model(x, True)
     torch.testing.assert_close(model(x), out, rtol=0, atol=0)
     assert any("tost" in str(n.target) for n in tost.graph(model).graph.nodes)
-    keys = {(method, layout) for method, layout in model.tost.surgery.variants}
+    keys = {(method, layout) for method, layout in model.tost.surgery.runner.variants}
     assert len(keys) == 2  # one graph per value of the flag
 
 

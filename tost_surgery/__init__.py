@@ -16,6 +16,7 @@ from ._plan import Plan, plan
 from ._recipe import Recipe
 from ._report import Report, report
 from ._scaffold_params import scaffold_parameters
+from ._status import Status, status
 from ._surgery import finalize, prepare
 from ._training import BindHandle, bind, graph, label_smoothing, step
 
@@ -29,6 +30,7 @@ __all__ = [
     "RecipeError",
     "Report",
     "StateError",
+    "Status",
     "TostSurgeryError",
     "TostSurgeryWarning",
     "TraceError",
@@ -44,5 +46,6 @@ __all__ = [
     "prepare",
     "report",
     "scaffold_parameters",
+    "status",
     "step",
 ]

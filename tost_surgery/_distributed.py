@@ -26,7 +26,8 @@ def check_masks_match(model: nn.Module, group: dist.ProcessGroup | None = None) 
     surgery = surgery_of(model, "check_masks_match")
     if not (dist.is_available() and dist.is_initialized()):
         return
-    masks = [entry.mask for entry in surgery.entries]
+    entries = surgery.decided.entries
+    masks = [entry.mask for entry in entries]
     device = masks[0].device
     local = torch.cat([m.reshape(-1) != 0 for m in masks]).to(torch.uint8)
     world = dist.get_world_size(group)
@@ -54,7 +55,7 @@ def check_masks_match(model: nn.Module, group: dist.ProcessGroup | None = None) 
         rank, index = bad[0]
         ranks = sorted({r for r, _ in bad})
         raise MaskError(
-            f"Masks differ between processes: {surgery.entries[index].name!r} on rank {rank} is not rank 0's "
+            f"Masks differ between processes: {entries[index].name!r} on rank {rank} is not rank 0's "
             f"({len(bad)} differing mask(s), on rank(s) {ranks}).\n"
             "Hint: make the mask with a fixed seed on every rank (e.g. masks.erk(model, 0.9, seed=0)), or on rank 0 "
             "and send it to the others with torch.distributed.broadcast_object_list, before prepare."

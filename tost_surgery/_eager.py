@@ -21,7 +21,7 @@ class EagerGhostNeuron(nn.Module):
         object.__setattr__(self, "_schedule", schedule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blend = self._schedule.neuron_blend
+        blend = self._schedule("neurons")
         return torch.lerp(SOFT_ACTIVATIONS[self.soft](x), HARD_ACTIVATIONS[self.kind](x), blend)
 
     def extra_repr(self) -> str:
@@ -34,11 +34,13 @@ class EagerNeurons:
     def __init__(self, model: nn.Module, kinds: set[str], soft: str, schedule: Schedule) -> None:
         types = {"relu": nn.ReLU, "relu6": nn.ReLU6}
         self.sites: list[tuple[nn.Module, str, nn.Module, EagerGhostNeuron]] = []
-        for parent in model.modules():
+        self.site_names: list[str] = []
+        for parent_name, parent in model.named_modules():
             for name, child in parent._modules.items():
                 kind = next((k for k in kinds if type(child) is types[k]), None)
                 if kind is not None:
                     self.sites.append((parent, name, child, EagerGhostNeuron(kind, soft, schedule)))
+                    self.site_names.append(f"{parent_name}.{name}" if parent_name else name)
 
     def swap(self, *, ghosts: bool) -> None:
         """Put the ghosts in (``ghosts=True``) or the original modules back."""

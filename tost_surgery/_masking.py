@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -98,10 +98,36 @@ class MaskEntry:
 def resolve_mask(model: nn.Module, mask: object) -> object:
     """A callable ``(name, param) -> Tensor | None`` becomes a dict; anything else is returned as is."""
     if callable(mask) and not isinstance(mask, (Mapping, torch.Tensor, nn.Module)):
-        from .masks import from_callable
-
-        return from_callable(model, mask)
+        return mask_from_callable(model, mask)
     return mask
+
+
+def mask_from_callable(
+    model: nn.Module, fn: Callable[[str, torch.Tensor], torch.Tensor | None]
+) -> dict[str, torch.Tensor]:
+    """``{name: bool mask}`` from ``fn(name, param)`` over the parameters (``None``: leave it dense), checked."""
+    if not isinstance(model, nn.Module):
+        raise MaskError(f"from_callable takes an nn.Module, found {type(model).__name__}.")
+    if not callable(fn):
+        raise MaskError(f"from_callable takes a function fn(name, param) -> Tensor | None, found {type(fn).__name__}.")
+    masks: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            value = fn(name, param)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise MaskError(
+                    f"fn({name!r}, param) returned a {type(value).__name__}; it must return a tensor or None.\n"
+                    "Hint: return a bool tensor shaped like the parameter, e.g. param.abs() > threshold."
+                )
+            masks[name] = value
+    if not masks:
+        raise MaskError(
+            f"fn returned None for every parameter of {type(model).__name__}: the mask covers nothing.\n"
+            "Hint: return a bool tensor for the parameters to prune, e.g. conv and linear weights."
+        )
+    return {entry.name: entry.mask for entry in normalize_mask(model, masks)}
 
 
 def normalize_mask(model: nn.Module, mask: object) -> list[MaskEntry]:

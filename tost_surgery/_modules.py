@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._recipe import Recipe
 from ._schedule import Schedule
+
+if TYPE_CHECKING:
+    from ._recipe import Recipe
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:

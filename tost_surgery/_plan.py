@@ -16,10 +16,10 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from ._fx._context import SITE, TAG
 from ._recipe import Recipe
 from ._report import Report, report
 from ._surgery import prepare
+from ._techniques import TECHNIQUES
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class Plan:
 
     model: str
     recipe: Recipe
-    ghost_neurons: list[str]
-    ghost_skips: list[str]
+    sites: dict[str, tuple[str, ...]]
+    """Where each graph technique acts, by technique name (``"neurons"``: the ReLU sites, ...)."""
     model_params: int
     scaffold_params: int
     layers: Report
@@ -48,8 +48,7 @@ class Plan:
         return {
             "model": self.model,
             "recipe": self.recipe.to_dict(),
-            "ghost_neurons": list(self.ghost_neurons),
-            "ghost_skips": list(self.ghost_skips),
+            "sites": {name: list(where) for name, where in self.sites.items()},
             "model_params": self.model_params,
             "scaffold_params": self.scaffold_params,
             "input_size": list(self.input_size) if self.input_size else None,
@@ -62,8 +61,9 @@ class Plan:
         summary = Table(title=Text(f"ToST plan for {self.model}", style="bold"), show_header=False)
         summary.add_column("what")
         summary.add_column("value", justify="right")
-        summary.add_row("ghost neurons (ReLU sites)", f"{len(self.ghost_neurons):,}")
-        summary.add_row("ghost skips (conv sites)", f"{len(self.ghost_skips):,}")
+        labels = {t.name: t.label for t in TECHNIQUES}
+        for name, where in self.sites.items():
+            summary.add_row(f"{labels[name]} sites", f"{len(where):,}")
         summary.add_row("model parameters", f"{self.model_params:,}")
         summary.add_row("kept weights in masked layers", f"{self.layers.kept:,} of {self.layers.total:,}")
         share = self.scaffold_params / max(1, self.model_params)
@@ -76,10 +76,9 @@ class Plan:
         sites = Table(title="sites", show_lines=False)
         sites.add_column("technique")
         sites.add_column("where")
-        for where in self.ghost_neurons:
-            sites.add_row("ghost neuron", Text(where))
-        for where in self.ghost_skips:
-            sites.add_row("ghost skip", Text(where))
+        for name, where in self.sites.items():
+            for site in where:
+                sites.add_row(labels[name], Text(site))
         parts: list[Any] = [summary]
         if self.notes:
             parts.append(Text("\n".join(f"note: {note}" for note in self.notes), style="yellow"))
@@ -107,20 +106,15 @@ def plan(
 
     Example:
         >>> print(tost_surgery.plan(model, masks.erk(model, 0.95), Recipe.tost(1000), input_size=(3, 224, 224)))
+
+    ``recipe=None`` means what it means to ``prepare``: :meth:`Recipe.baseline`, masks only.
     """
-    recipe = Recipe.tost(total_steps=1000) if recipe is None else recipe
     rng = torch.get_rng_state()
     try:
         trial = prepare(copy.deepcopy(model), mask, recipe, leaf_modules=leaf_modules)
-        surgery = trial.tost.surgery
-        neurons, skips = [], []
-        if surgery.default_variant is not None:
-            for node in surgery.default_variant.graphs[True].nodes:
-                if SITE in node.meta:
-                    (neurons if node.meta[TAG] == "neurons" else skips).append(node.meta[SITE])
-        elif surgery.eager_neurons is not None:
-            names = {id(m): n for n, m in trial.named_modules()}
-            neurons = [f"{names.get(id(original), '?')} (eager)" for _, _, original, _ in surgery.eager_neurons.sites]
+        recipe = trial.tost.surgery.decided.recipe  # None: prepare's default
+        runner = trial.tost.surgery.runner
+        sites = runner.sites()
         scaffold_params = sum(p.numel() for p in trial.tost.parameters())
         model_params = sum(p.numel() for n, p in trial.named_parameters() if not n.startswith("tost."))
         macs = _count_macs(trial, tuple(input_size)) if input_size else None
@@ -130,14 +124,13 @@ def plan(
     return Plan(
         model=type(model).__name__,
         recipe=recipe,
-        ghost_neurons=neurons,
-        ghost_skips=skips,
+        sites=sites,
         model_params=model_params,
         scaffold_params=scaffold_params,
         layers=layers,
         input_size=tuple(input_size) if input_size else None,
         macs=macs,
-        notes=tuple(surgery.notes),
+        notes=tuple(runner.notes),
     )
 
 

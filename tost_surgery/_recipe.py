@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from ._checks import is_positive_int, is_real
 from ._errors import RecipeError, did_you_mean
+from ._techniques import TECHNIQUES, Technique
+from ._techniques import technique as _technique
 
 SoftActivation = Literal["silu", "mish", "softplus", "gelu"]
 AnnealShape = Literal["linear", "cosine"]
@@ -17,11 +19,6 @@ RescaleScope = Literal["all", "unnormalized"]
 LabelSchedule = Literal["constant", "anneal"]
 
 _FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _is_real(value: object) -> bool:
-    """A real number (numpy's too), not a bool: ``warmup=True`` is a mistake, not 1.0."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -110,24 +107,22 @@ class Recipe:
             value = getattr(self, name)
             if value is None and name != "warmup":
                 continue
-            if not _is_real(value) or not 0.0 < value <= 1.0:
+            if not is_real(value) or not 0.0 < value <= 1.0:
                 raise RecipeError(
                     f"Recipe.{name} is a fraction of total_steps in (0, 1], found {value!r}.\n"
                     "Hint: warmup=0.3 anneals the scaffolding over the first 30% of steps."
                 )
             object.__setattr__(self, name, float(value))
-        if not _is_real(self.label_smoothing) or not 0.0 <= self.label_smoothing < 1.0:
+        if not is_real(self.label_smoothing) or not 0.0 <= self.label_smoothing < 1.0:
             raise RecipeError(f"Recipe.label_smoothing must be in [0, 1), found {self.label_smoothing!r}.")
         object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
-        if not _is_real(self.skip_init) or not abs(self.skip_init) <= _FLOAT32_MAX:
+        if not is_real(self.skip_init) or not abs(self.skip_init) <= _FLOAT32_MAX:
             raise RecipeError(
                 f"Recipe.skip_init must be a finite number, representable in float32, found {self.skip_init!r}."
             )
         object.__setattr__(self, "skip_init", float(self.skip_init))
         if self.total_steps is not None:
-            if not isinstance(self.total_steps, numbers.Integral) or isinstance(self.total_steps, bool) or (
-                self.total_steps < 1
-            ):
+            if not is_positive_int(self.total_steps):
                 raise RecipeError(f"Recipe.total_steps must be a positive int, found {self.total_steps!r}.")
             object.__setattr__(self, "total_steps", int(self.total_steps))
         if self.is_annealed and self.total_steps is None:
@@ -140,17 +135,35 @@ class Recipe:
     @property
     def is_annealed(self) -> bool:
         """Whether anything moves with the step count (and so needs ``total_steps``)."""
-        return (
-            self.ghost_neurons
-            or self.ghost_skips
-            or (self.label_schedule == "anneal" and self.label_smoothing > 0)
-        )
+        return any(t.is_annealed(self) for t in TECHNIQUES)
 
-    def warmup_steps(self, technique: Literal["neurons", "skips", "labels"]) -> int:
-        """Optimizer steps over which ``technique`` anneals (at least 1)."""
-        fraction = {"neurons": self.neuron_warmup, "skips": self.skip_warmup}.get(technique)
-        fraction = self.warmup if fraction is None else fraction
-        return max(1, round(fraction * (self.total_steps or 0)))
+    def warmup_steps(self, technique: str) -> int:
+        """Optimizer steps over which ``technique`` (``"neurons"``, ``"skips"``, ``"labels"``) anneals, at least 1.
+
+        Example:
+            >>> Recipe.tost(total_steps=1000, warmup=0.3).warmup_steps("skips")
+            300
+        """
+        return _technique(technique).warmup_steps(self)
+
+    def enabled(self) -> tuple[str, ...]:
+        """The names of the techniques this recipe turns on, in the order they apply.
+
+        Example:
+            >>> Recipe.tost(total_steps=10, ghost_skips=False).enabled()
+            ('neurons', 'rescale', 'labels')
+        """
+        return tuple(t.name for t in TECHNIQUES if t.is_enabled(self))
+
+    @staticmethod
+    def techniques() -> tuple[Technique, ...]:
+        """Every technique: its name, its switch, the fields it owns and the overrides that turn it off.
+
+        Example:
+            >>> {t.name: dict(t.off) for t in Recipe.techniques()}["skips"]
+            {'ghost_skips': False}
+        """
+        return tuple(TECHNIQUES)
 
     @classmethod
     def tost(cls, total_steps: int, **overrides: Any) -> Recipe:

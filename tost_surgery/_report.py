@@ -16,7 +16,8 @@ from torch import nn
 from ._errors import MaskError
 from ._masking import MaskEntry
 from ._modules import Scaffold
-from .masks._scope import prunable_weights
+from ._scope import prunable_weights
+from ._techniques import TECHNIQUES
 
 
 @dataclass(frozen=True)
@@ -115,45 +116,15 @@ def report(model_or_mask: nn.Module | Mapping[str, torch.Tensor]) -> Report:
 
 def _prepared_report(model: nn.Module, scaffold: Scaffold) -> Report:
     surgery = scaffold.surgery
-    rows = [_row(entry.name, entry.mask, _scaffolding_of(entry, surgery)) for entry in surgery.entries]
-    techniques = ", ".join(sorted(surgery.active)) or "masks only"
-    notes = tuple(getattr(surgery, "notes", ()))
-    return _build(rows, f"{type(model).__name__} prepared ({techniques})", notes)
+    rows = [_row(entry.name, entry.mask, _scaffolding_of(entry, surgery)) for entry in surgery.decided.entries]
+    techniques = ", ".join(sorted(surgery.runner.active)) or "masks only"
+    return _build(rows, f"{type(model).__name__} prepared ({techniques})", tuple(surgery.runner.notes))
 
 
 def _scaffolding_of(entry: MaskEntry, surgery: Any) -> str:
-    parts = []
-    retired = "" if "skips" in surgery.active else " (retired)"
-    conv_to_skip = surgery.context.conv_to_skip
-    if entry.attr == "weight" and entry.module_name in conv_to_skip:
-        target = conv_to_skip[entry.module_name]
-        if target is None:
-            parts.append("identity skip" + retired)
-        else:
-            kind = surgery.context.scaffold.skip_at(target).kind
-            parts.append(f"ghost skip {target.rsplit('.', 1)[-1]} ({kind}){retired}")
-    elif entry.attr == "weight" and _has_linear_skip(entry, surgery):
-        parts.append("identity skip" + retired)
-    factor = surgery.rescaled.get(entry.name)
-    if factor is not None:
-        parts.append(f"rescaled x{factor:.2f}")
-    return ", ".join(parts)
-
-
-def _has_linear_skip(entry: MaskEntry, surgery: Any) -> bool:
-    module = entry.module
-    recipe = surgery.context.recipe
-    if not (recipe.ghost_skips and recipe.skip_linear and isinstance(module, nn.Linear)):
-        return False
-    if module.in_features != module.out_features:
-        return False
-    # The pass puts a skip at every traced call of a square Linear; the unmodified graph lists them
-    # even after the skips retired. A model run without a graph (eager) has no linear skips.
-    variant = surgery.default_variant
-    if variant is None:
-        return False
-    graph = variant.pristine[True]
-    return any(node.op == "call_module" and node.target == entry.module_name for node in graph.nodes)
+    """What each technique added beside ``entry``'s layer, in words."""
+    parts = (t.describe_layer(entry, surgery) for t in TECHNIQUES)
+    return ", ".join(part for part in parts if part)
 
 
 def _as_bool(name: object, value: object) -> torch.Tensor:

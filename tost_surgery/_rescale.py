@@ -5,12 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
+from ._checks import LAYER_TYPES
 from ._masking import MaskEntry
 from ._recipe import Recipe
-
-LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def rescaled_layers(entries: list[MaskEntry], recipe: Recipe, normalized: frozenset[str]) -> list[MaskEntry]:

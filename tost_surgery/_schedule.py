@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ._recipe import Recipe
 from ._write_through import cached_by_version
 
-Technique = Literal["neurons", "skips"]
-
+if TYPE_CHECKING:
+    from ._recipe import Recipe
 
 def anneal_progress(step: int, warmup_steps: int, shape: str) -> float:
     """Fraction of the annealing done after ``step`` steps, shaped, in [0, 1]."""
@@ -25,50 +24,30 @@ def anneal_progress(step: int, warmup_steps: int, shape: str) -> float:
 class Schedule(nn.Module):
     """The step counter (a saved buffer) and the annealed coefficients, computed from it on every call.
 
-    The rewritten graph calls ``tost.schedule("neurons")`` (the blend ``b``, 0 -> 1) and
-    ``tost.schedule("skips")`` (the skip scale ``a``, 1 -> 0): 0-d float32 tensors computed from
-    the ``step`` buffer, so the graph does not change from step to step, and a copy of the state
-    by any route (``load_state_dict``, an EMA helper's in-place ``copy_``, a broadcast) is followed
-    at once. ``steps_taken`` reads the buffer, cached until the buffer changes (its version counter
-    moves), so a training loop does not synchronize a GPU on every step.
+    The rewritten graph calls ``tost.schedule(name)`` for the coefficient of the technique
+    ``name`` (``"neurons"``: the blend ``b``, 0 -> 1; ``"skips"``: the skip scale ``a``, 1 -> 0):
+    a 0-d float32 tensor computed from the ``step`` buffer, so the graph does not change from step
+    to step, and a copy of the state by any route (``load_state_dict``, an EMA helper's in-place
+    ``copy_``, a broadcast by DDP) is followed at once. ``steps_taken`` reads the buffer, cached
+    until the buffer changes (its version counter moves), so a training loop does not synchronize
+    a GPU on every step.
     """
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._techniques = {t.name: t for t in recipe.techniques()}
 
-    def forward(self, technique: Technique) -> torch.Tensor:
+    def forward(self, technique: str) -> torch.Tensor:
         """The coefficient the graph reads for ``technique``, as a 0-d float32 tensor.
 
         Computed again only when the step buffer has changed (eagerly; traced as it is under
         ``torch.compile``).
         """
-        compute = self._neuron_blend if technique == "neurons" else self._skip_scale
+        record = self._techniques[technique]
+        compute = lambda step: record.coefficient(record.progress(self.recipe, step))  # noqa: E731
         return cached_by_version(self, f"_coefficient_{technique}", self._buffers["step"], compute)
-
-    def _neuron_blend(self, step: torch.Tensor) -> torch.Tensor:
-        return self._progress(step, "neurons")
-
-    def _skip_scale(self, step: torch.Tensor) -> torch.Tensor:
-        return 1.0 - self._progress(step, "skips")
-
-    def _progress(self, step: torch.Tensor, technique: Technique) -> torch.Tensor:
-        progress = (step.to(torch.float32) / self.recipe.warmup_steps(technique)).clamp(0.0, 1.0)
-        if self.recipe.anneal == "cosine":
-            progress = 0.5 - 0.5 * torch.cos(progress * math.pi)
-        return progress
-
-
-    @property
-    def neuron_blend(self) -> torch.Tensor:
-        """``b`` of the ghost neurons, 0 -> 1."""
-        return self("neurons")
-
-    @property
-    def skip_scale(self) -> torch.Tensor:
-        """``a`` of the ghost skips, 1 -> 0."""
-        return self("skips")
 
     @property
     def steps_taken(self) -> int:
@@ -82,11 +61,11 @@ class Schedule(nn.Module):
         if not torch.is_inference(self.step):  # its new value is known: no read of the device
             self.__dict__["_seen"] = (self.step, self.step._version, before + n)
 
-    def progress(self, technique: Technique | Literal["labels"]) -> float:
+    def progress(self, technique: str) -> float:
         """Shaped progress of ``technique``'s annealing, in [0, 1]."""
         return anneal_progress(self.steps_taken, self.recipe.warmup_steps(technique), self.recipe.anneal)
 
-    def is_finished(self, technique: Technique) -> bool:
+    def is_finished(self, technique: str) -> bool:
         """Whether ``technique`` has reached its end state (and may retire)."""
         return self.steps_taken >= self.recipe.warmup_steps(technique)
 

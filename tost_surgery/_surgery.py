@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -11,40 +10,41 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from ._eager import EagerNeurons
-from ._errors import RecipeError, StateError, TostSurgeryError, TraceError, did_you_mean, warn
-from ._fx._codegen import compile_forward
+from ._errors import RecipeError, StateError, TostSurgeryError, did_you_mean, warn
 from ._fx._context import PassContext
-from ._fx._layout import CallSignature, Layout
+from ._fx._layout import CallSignature
 from ._fx._patterns import feeds_normalization
-from ._fx._tracing import FALLBACK, Tracing, trace_call
-from ._fx.passes import insert_ghost_neurons, insert_ghost_skips
-from ._fx.passes.split_norm_act import split_norm_act
+from ._fx._tracing import FALLBACK, Tracing
 from ._masking import MaskEntry, attach_masks, detach_masks, normalize_mask, original_parameter, resolve_mask
 from ._modules import Scaffold
 from ._recipe import Recipe
 from ._rescale import rescale_factors, rescaled_layers
-from ._schedule import Technique
+from ._runner import Runner
+from ._techniques import TECHNIQUES
 from ._write_through import plain_reads
 
-# The order in which graph passes run; each inserts one technique's scaffolding.
-PASSES: tuple[tuple[Technique, Callable[[fx.Graph, PassContext], None]], ...] = (
-    ("neurons", insert_ghost_neurons),
-    ("skips", insert_ghost_skips),
-)
 # Methods rewritten besides forward when the model's class has them: timm's, which feature
 # extraction, distillation and training loops call instead of forward.
 DEFAULT_METHODS = ("forward_features", "forward_head")
-_MANY_LAYOUTS = 8
 
 
 @dataclass
-class Variant:
-    """One traced call layout of one method: its graphs without scaffolding, and what runs now."""
+class Decisions:
+    """What prepare decided about one model; fixed once prepare has returned (``rescaled`` aside:
+    :func:`tost_surgery.init.gradinit` records the scales it applies)."""
 
-    pristine: dict[bool, fx.Graph]
-    graphs: dict[bool, fx.Graph] = field(default_factory=dict)
-    forwards: dict[bool, Callable] = field(default_factory=dict)
+    recipe: Recipe
+    model_name: str
+    entries: list[MaskEntry]
+    enabled: frozenset[str]
+    """The techniques with scaffolding that anneals away (and so retires)."""
+    installed: tuple[str, ...]
+    """The methods set on the instance: the rewritten ones, and those that could not be traced."""
+    rescaled: dict[str, float] = field(default_factory=dict)
+    """Mean factor applied to each rescaled weight."""
+    gradinit_layers: tuple[str, ...] | None = None
+    """With ``rescale_rule="gradinit"``: the masked weights gradinit learns a scale for (whether it has
+    is the saved buffer ``model.tost.gradinit_done``)."""
 
 
 class Bindings(dict):
@@ -56,137 +56,30 @@ class Bindings(dict):
 
 @dataclass
 class Surgery:
-    """Everything prepare decided about one model, kept on ``model.tost.surgery``."""
+    """A prepared model's decisions and what runs, kept on ``model.tost.surgery``."""
 
-    context: PassContext
-    entries: list[MaskEntry]
-    tracing: Tracing | None
-    """How the model's methods are traced; None when the model runs eagerly."""
-    signatures: dict[str, CallSignature]
-    """The rewritten methods (forward first) and their signatures."""
-    installed: tuple[str, ...]
-    """The methods set on the instance: the rewritten ones, and those that could not be traced."""
-    enabled: frozenset[Technique]
-    model_name: str
-    variants: dict[tuple[str, Layout], Variant] = field(default_factory=dict)
-    """Traced call layouts by ``(method, layout)``; the first is forward's default call."""
-    notes: list[str] = field(default_factory=list)
-    """What was not applied as asked, and why (blocks kept whole, eager fallback)."""
-    eager_neurons: EagerNeurons | None = None
-    rescaled: dict[str, float] = field(default_factory=dict)
-    active: frozenset[Technique] = frozenset()
+    decided: Decisions
+    runner: Runner
     bindings: Bindings = field(default_factory=Bindings)
-    gradinit_layers: tuple[str, ...] | None = None
-    """With ``rescale_rule="gradinit"``: the masked weights gradinit learns a scale for."""
     gradinit_checked: bool = False
     """Whether ``step`` has looked for GradInit scales still to apply (it does so once)."""
-    synced_at: tuple[int, int] | None = None
-    """The schedule's version when :meth:`sync` last looked."""
-
-    def gradinit_pending(self) -> bool:
-        """The recipe asks for GradInit scales and :func:`tost_surgery.init.gradinit` has not applied them."""
-        done = getattr(self.context.scaffold, "gradinit_done", None)
-        return bool(self.gradinit_layers) and done is not None and not bool(done)
 
     @property
     def schedule(self):
-        return self.context.scaffold.schedule
+        return self.runner.context.scaffold.schedule
 
-    @property
-    def default_variant(self) -> Variant | None:
-        """forward's variant for a call with a tensor per required argument (None when eager)."""
-        return next(iter(self.variants.values()), None)
+    def gradinit_pending(self) -> bool:
+        """The recipe asks for GradInit scales and :func:`tost_surgery.init.gradinit` has not applied them."""
+        done = getattr(self.runner.context.scaffold, "gradinit_done", None)
+        return bool(self.decided.gradinit_layers) and done is not None and not bool(done)
 
-    def pending(self) -> frozenset[Technique]:
+    def pending(self) -> frozenset[str]:
         """Enabled techniques that have not reached their end state yet."""
-        return frozenset(t for t in self.enabled if not self.schedule.is_finished(t))
+        return frozenset(t for t in self.decided.enabled if not self.schedule.is_finished(t))
 
     def sync(self) -> None:
-        """Rebuild what runs when the set of unfinished techniques changed (a step, a load, a copy of the step).
-
-        Finished techniques retire: they are left out of the graph, not multiplied by zero.
-        """
-        version = self.schedule.version()
-        if version == self.synced_at:
-            return
-        self.synced_at = version
-        active = self.pending()
-        if active == self.active:
-            return
-        self.active = active
-        if self.tracing is None:
-            if self.eager_neurons is not None:
-                self.eager_neurons.swap(ghosts="neurons" in active)
-            return
-        for variant in self.variants.values():
-            self._build(variant)
-        # Retired scaffolding gets no gradient: freeze it, so that a data-parallel wrapper built
-        # from now on leaves it out (DDP would otherwise wait for its gradients and fail).
-        self.context.scaffold.skips.requires_grad_("skips" in active)
-
-    def _build(self, variant: Variant) -> None:
-        """The variant's graphs with the active techniques' passes, compiled to forwards."""
-        graphs: dict[bool, fx.Graph] = {}
-        for mode, pristine in variant.pristine.items():
-            if mode is False and pristine is variant.pristine[True]:
-                graphs[False] = graphs[True]
-                continue
-            graph = copy.deepcopy(pristine)
-            for technique, insert in PASSES:
-                if technique in self.active:
-                    insert(graph, self.context)
-            graph.lint()
-            graphs[mode] = graph
-        variant.graphs = graphs
-        variant.forwards = {
-            mode: compile_forward(graph, f"{self.model_name} {'train' if mode else 'eval'}")
-            for mode, graph in graphs.items()
-        }
-        if graphs[False] is graphs[True]:
-            variant.forwards[False] = variant.forwards[True]
-
-    def add_variant(self, model: nn.Module, method: str, layout: Layout) -> Variant | None:
-        """Trace ``method`` for calls with ``layout``; None (with a note) if it cannot be traced."""
-        prefix = f"v{len(self.variants)}_" if self.variants else ""
-        graphs, notes, constants = trace_call(model, self.tracing, method, self.signatures[method], layout, prefix)
-        self.notes.extend(n for n in notes if n not in self.notes)
-        if graphs is None:
-            return None
-        for graph in {id(g): g for g in graphs.values()}.values():
-            split_norm_act(graph, self.context)
-        self.context.scaffold.add_constants(constants)
-        variant = Variant(graphs)
-        self._build(variant)
-        self.variants[(method, layout)] = variant
-        return variant
-
-    @torch.compiler.disable
-    def trace_for_call(self, model: nn.Module, method: str, layout: Layout) -> Variant:
-        """A variant for a call layout not seen before (traced now), or a :class:`TraceError`."""
-        signature = self.signatures[method]
-        variant = self.add_variant(model, method, layout)
-        if variant is None:
-            raise TraceError(
-                f"{self.model_name}.{method} cannot be traced for a call with {signature.describe(layout)}: "
-                f"{self.notes[-1]}.\nHint: pass leaf_modules=[...] to prepare for the submodule that branches "
-                "on this argument, or call the model with arguments that were traced before."
-            )
-        count = sum(1 for m, _ in self.variants if m == method)
-        if count == _MANY_LAYOUTS:
-            warn(
-                f"{self.model_name}.{method} has now been traced for {count} call layouts: every new value of a "
-                f"non-tensor argument traces it again (latest: {signature.describe(layout)}).\nHint: pass values "
-                "that change from call to call as tensors."
-            )
-        return variant
-
-    def call(self, model: nn.Module, method: str, args: tuple, kwargs: Mapping) -> object:
-        """Run ``method``'s rewritten graph for this call's layout and mode."""
-        layout, inputs = self.signatures[method].bind(args, kwargs)
-        variant = self.variants.get((method, layout))
-        if variant is None:
-            variant = self.trace_for_call(model, method, layout)
-        return variant.forwards[model.training](model, *inputs)
+        """Retire (or bring back) scaffolding to match the schedule's step."""
+        self.runner.sync(self.schedule, self.decided.enabled)
 
 
 def _rewritten(method: str) -> Callable:
@@ -194,13 +87,14 @@ def _rewritten(method: str) -> Callable:
 
     def run(self: nn.Module, *args, **kwargs):
         surgery: Surgery = self.tost.surgery
+        runner = surgery.runner
         if torch.compiler.is_compiling():
-            return surgery.call(self, method, args, kwargs)
+            return runner.call(self, method, args, kwargs)
         surgery.sync()  # follows a step buffer changed by a copy (an EMA) or a load
         with plain_reads:
-            if surgery.tracing is None or method not in surgery.signatures:
+            if runner.tracing is None or method not in runner.signatures:
                 return getattr(type(self), method)(self, *args, **kwargs)
-            return surgery.call(self, method, args, kwargs)
+            return runner.call(self, method, args, kwargs)
 
     run.__name__ = method
     return run
@@ -241,83 +135,100 @@ def prepare(
     """
     _check_preparable(model)
     names = _methods_to_rewrite(model, methods)
-    recipe = Recipe.baseline() if recipe is None else recipe
-    if not isinstance(recipe, Recipe):
-        raise RecipeError(
-            f"recipe must be a tost_surgery.Recipe, found {type(recipe).__name__}.\n"
-            "Hint: Recipe.tost(total_steps=N) or Recipe.baseline()."
-        )
+    recipe = _checked_recipe(recipe)
     entries = normalize_mask(model, resolve_mask(model, mask))
     scaffold = Scaffold(recipe)
     context = PassContext(recipe, dict(model.named_modules()), scaffold)
     tracing = Tracing.of(model, leaf_modules, strict=strict)
     tracing.hidden = frozenset(names)
+    signatures = {name: CallSignature(getattr(type(model), name)) for name in names}
+    enabled = frozenset(
+        t.name for t in TECHNIQUES if t.is_enabled(recipe) and t.coefficient is not None and (t.insert or t.eager)
+    )
     surgery = Surgery(
-        context=context,
-        entries=entries,
-        tracing=tracing,
-        signatures={name: CallSignature(getattr(type(model), name)) for name in names},
-        installed=names,
-        enabled=frozenset(t for t, on in (("neurons", recipe.ghost_neurons), ("skips", recipe.ghost_skips)) if on),
-        model_name=type(model).__name__,
+        Decisions(recipe, type(model).__name__, entries, enabled, names),
+        Runner(context, tracing, signatures, type(model).__name__),
     )
     _trace_methods(model, surgery)
     context.can_add_modules = False  # later traces reuse these skips: new ones would miss the optimizer
-    default = surgery.default_variant
+    default = surgery.runner.default_variant
     normalized = _normalized_layers(default.pristine[True], context.modules) if default else frozenset()
     factors = rescale_factors(entries, recipe, normalized)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     scaffold.schedule.to(device)
-    if recipe.rescale_init and recipe.rescale_rule == "gradinit":
-        surgery.gradinit_layers = tuple(e.name for e in rescaled_layers(entries, recipe, normalized))
-        if surgery.gradinit_layers:  # saved, so a resumed run knows the scales are in the weights
-            scaffold.register_buffer("gradinit_done", torch.zeros((), dtype=torch.bool, device=device))
-        else:
-            surgery.notes.append(
-                f"gradinit: no masked conv/linear weight in rescale_scope={recipe.rescale_scope!r}"
-            )
+    _plan_gradinit(surgery, normalized, device)
     scaffold.surgery = surgery
     scaffold.register_load_state_dict_post_hook(_sync_after_load)
     try:
         model.add_module("tost", scaffold)
         attach_masks(entries)
-        if surgery.tracing is None:
-            surgery.active = frozenset()
-            surgery.sync()
+        if surgery.runner.tracing is None:
+            surgery.sync()  # the eager stand-ins go in
         for name in names:
             setattr(model, name, types.MethodType(_rewritten(name), model))
-        _zero_and_rescale(entries, factors, surgery)
+        _zero_and_rescale(entries, factors, surgery.decided)
     except BaseException:
         _undo(model, entries)
         raise
     return model
 
 
+def _checked_recipe(recipe: object) -> Recipe:
+    recipe = Recipe.baseline() if recipe is None else recipe
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(
+            f"recipe must be a tost_surgery.Recipe, found {type(recipe).__name__}.\n"
+            "Hint: Recipe.tost(total_steps=N) or Recipe.baseline()."
+        )
+    return recipe
+
+
+def _plan_gradinit(surgery: Surgery, normalized: frozenset[str], device: torch.device) -> None:
+    """With ``rescale_rule="gradinit"``: the layers gradinit will scale, and a saved flag for when it has."""
+    recipe, scaffold = surgery.decided.recipe, surgery.runner.context.scaffold
+    if not (recipe.rescale_init and recipe.rescale_rule == "gradinit"):
+        return
+    layers = tuple(e.name for e in rescaled_layers(surgery.decided.entries, recipe, normalized))
+    surgery.decided.gradinit_layers = layers
+    if layers:  # saved, so a resumed run knows the scales are in the weights
+        scaffold.register_buffer("gradinit_done", torch.zeros((), dtype=torch.bool, device=device))
+    else:
+        surgery.runner.notes.append(f"gradinit: no masked conv/linear weight in rescale_scope={recipe.rescale_scope!r}")
+
+
 def _trace_methods(model: nn.Module, surgery: Surgery) -> None:
     """Trace each method's default call; fall back to running the model eagerly when forward cannot be."""
-    recipe = surgery.context.recipe
-    for name, signature in surgery.signatures.items():
-        variant = surgery.add_variant(model, name, signature.default_layout())
+    runner, decided = surgery.runner, surgery.decided
+    for name, signature in list(runner.signatures.items()):
+        variant = runner.add_variant(model, name, signature.default_layout())
         if variant is None and name == "forward":
-            warn(f"{surgery.model_name} cannot be traced ({surgery.notes[-1]}); {FALLBACK}")
-            surgery.notes[-1] += "; only masks, rescaling and eager ghost neurons"
-            surgery.tracing, surgery.variants = None, {}
-            if "skips" in surgery.enabled:
-                surgery.notes.append("ghost skips not applied: they need a graph")
-            surgery.enabled = surgery.enabled - {"skips"}
-            if "neurons" in surgery.enabled:
-                kinds = {"relu", "relu6"} if recipe.neuron_relu6 else {"relu"}
-                surgery.eager_neurons = EagerNeurons(model, kinds, recipe.soft_activation, surgery.schedule)
+            _run_eagerly(model, surgery)
             return
         if variant is None:
-            del surgery.signatures[name]
+            del runner.signatures[name]
             warn(
-                f"{surgery.model_name}.{name} cannot be traced ({surgery.notes[-1]}); it runs the masked layers "
+                f"{decided.model_name}.{name} cannot be traced ({runner.notes[-1]}); it runs the masked layers "
                 "without the scaffolding, so during the warm-up it computes another network than forward."
             )
         else:
             signature.prefill()
     surgery.sync()
+
+
+def _run_eagerly(model: nn.Module, surgery: Surgery) -> None:
+    """forward cannot be traced: the techniques with an eager stand-in use it, the others are left out."""
+    runner, decided = surgery.runner, surgery.decided
+    warn(f"{decided.model_name} cannot be traced ({runner.notes[-1]}); {FALLBACK}")
+    runner.notes[-1] += "; only masks, rescaling and eager ghost neurons"
+    runner.tracing, runner.variants = None, {}
+    for technique in TECHNIQUES:
+        if technique.name not in decided.enabled:
+            continue
+        if technique.eager is None:
+            runner.notes.append(f"{technique.label}s not applied: they need a graph")
+            decided.enabled = decided.enabled - {technique.name}
+        else:
+            runner.eager[technique.name] = technique.eager(model, decided.recipe, surgery.schedule)
 
 
 def _methods_to_rewrite(model: nn.Module, methods: Iterable[str]) -> tuple[str, ...]:
@@ -344,7 +255,9 @@ def _methods_to_rewrite(model: nn.Module, methods: Iterable[str]) -> tuple[str, 
     return tuple(names)
 
 
-def _zero_and_rescale(entries: list[MaskEntry], factors: Mapping[str, torch.Tensor | float], surgery: Surgery) -> None:
+def _zero_and_rescale(
+    entries: list[MaskEntry], factors: Mapping[str, torch.Tensor | float], decided: Decisions
+) -> None:
     """Zero the masked weights and apply the rescale factors, in place.
 
     Every multiplier is built before the first weight changes, so a failure leaves the weights as they were.
@@ -363,7 +276,7 @@ def _zero_and_rescale(entries: list[MaskEntry], factors: Mapping[str, torch.Tens
     for entry in entries:
         factor = factors.get(entry.name)
         if factor is not None:
-            surgery.rescaled[entry.name] = float(torch.as_tensor(factor).float().mean())
+            decided.rescaled[entry.name] = float(torch.as_tensor(factor).float().mean())
 
 
 def finalize(model: nn.Module, *, force: bool = False) -> nn.Module:
@@ -392,7 +305,7 @@ def finalize(model: nn.Module, *, force: bool = False) -> nn.Module:
     for handle in list(surgery.bindings.values()):
         handle.remove()
     surgery.bindings.clear()
-    detach_masks(surgery.entries, bake=True)
+    detach_masks(surgery.decided.entries, bake=True)
     _undo(model, [])
     return model
 
@@ -464,10 +377,10 @@ def _undo(model: nn.Module, entries: list[MaskEntry]) -> None:
     """Take off whatever prepare attached: masks (unbaked), the scaffold, the forward."""
     detach_masks(entries, bake=False)
     scaffold = model._modules.get("tost")
-    eager = getattr(getattr(scaffold, "surgery", None), "eager_neurons", None)
-    if eager is not None:
-        eager.swap(ghosts=False)
-    installed = getattr(getattr(scaffold, "surgery", None), "installed", ())
+    surgery = getattr(scaffold, "surgery", None)
+    for fallback in surgery.runner.eager.values() if surgery is not None else ():
+        fallback.swap(ghosts=False)
+    installed = surgery.decided.installed if surgery is not None else ()
     if "tost" in model._modules:
         del model._modules["tost"]
     for name in installed:

@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import fx, nn
 
+from ._checks import is_positive_int
 from ._errors import StateError, TostSurgeryError, TostSurgeryWarning
 from ._surgery import surgery_of
 
@@ -21,21 +22,21 @@ def step(model: nn.Module, n: int = 1) -> None:
         >>> optimizer.step(); tost_surgery.step(model)
     """
     surgery = surgery_of(model, "step")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_positive_int(n):
         raise TostSurgeryError(f"step takes a positive number of optimizer steps, found n={n!r}.")
     if not surgery.gradinit_checked:  # once, at the first step: no per-step read of a device flag
         surgery.gradinit_checked = True
         if surgery.gradinit_pending():
             _warn_gradinit_pending(model, surgery)
     surgery.schedule.advance(n)
-    if surgery.active:
+    if surgery.runner.active:
         surgery.sync()
 
 
 def _warn_gradinit_pending(model: nn.Module, surgery) -> None:
     warnings.warn(
         f"{type(model).__name__} was prepared with rescale_rule='gradinit', but training started before "
-        f"tost_surgery.init.gradinit applied its scales to {len(surgery.gradinit_layers)} layer(s).\n"
+        f"tost_surgery.init.gradinit applied its scales to {len(surgery.decided.gradinit_layers)} layer(s).\n"
         "Hint: call tost_surgery.init.gradinit(model, batches) after prepare and before the first step.",
         TostSurgeryWarning,
         stacklevel=3,
@@ -97,10 +98,11 @@ def graph(model: nn.Module, *, training: bool | None = None) -> fx.GraphModule:
         >>> print(tost_surgery.graph(model).code)
     """
     surgery = surgery_of(model, "graph")
-    variant = surgery.default_variant
+    variant = surgery.runner.default_variant
+    name = surgery.decided.model_name
     if variant is None:
         raise StateError(
-            f"graph: {surgery.model_name} runs eagerly: torch.fx could not trace it ({'; '.join(surgery.notes)})."
+            f"graph: {name} runs eagerly: torch.fx could not trace it ({'; '.join(surgery.runner.notes)})."
         )
     mode = model.training if training is None else bool(training)
-    return fx.GraphModule(model, copy.deepcopy(variant.graphs[mode]), class_name=f"{surgery.model_name}Tost")
+    return fx.GraphModule(model, copy.deepcopy(variant.graphs[mode]), class_name=f"{name}Tost")

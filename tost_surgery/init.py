@@ -32,6 +32,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._checks import (
+    LAYER_TYPES,
+    checked_batches,
+    is_non_negative_number,
+    is_positive_int,
+    is_positive_number,
+)
 from ._errors import StateError, TostSurgeryError, TostSurgeryWarning
 from ._masking import MaskEntry, attach_masks, normalize_mask, original_parameter, resolve_mask
 from ._modules import Scaffold
@@ -40,7 +47,6 @@ __all__ = ["GradInitReport", "LayerScale", "gradinit"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _EVAL_DRAWS = 4
 """The objective before / after is averaged over the first draws (at most this many), the same both times."""
 
@@ -216,7 +222,7 @@ def gradinit(
         for entry, alpha in zip(layers, learned):
             original_parameter(entry).mul_(alpha.to(original_parameter(entry).dtype))
             if surgery is not None:
-                surgery.rescaled[entry.name] = surgery.rescaled.get(entry.name, 1.0) * float(alpha)
+                surgery.decided.rescaled[entry.name] = surgery.decided.rescaled.get(entry.name, 1.0) * float(alpha)
         done = getattr(getattr(model, "tost", None), "gradinit_done", None)
         if isinstance(done, torch.Tensor):
             done.fill_(True)
@@ -340,19 +346,20 @@ def _masked_layers(model: nn.Module, mask: object) -> tuple[list[MaskEntry], lis
                 "Hint: call gradinit(model, batches) without mask=."
             )
         surgery = scaffold.surgery
-        entries = surgery.entries
-        if surgery.gradinit_layers and not surgery.gradinit_pending():
+        decided = surgery.decided
+        entries = decided.entries
+        if decided.gradinit_layers and not surgery.gradinit_pending():
             warnings.warn(
                 f"gradinit already applied its scales to {type(model).__name__} (model.tost.gradinit_done): "
                 "this call multiplies new ones into them.\nHint: call it once, after prepare.",
                 TostSurgeryWarning,
                 stacklevel=3,
             )
-        elif surgery.gradinit_layers is None and surgery.rescaled:
-            recipe = surgery.context.recipe
+        elif decided.gradinit_layers is None and decided.rescaled:
+            recipe = decided.recipe
             by = f"prepare's {recipe.rescale_rule} rule" if recipe.rescale_init else "an earlier gradinit call"
             warnings.warn(
-                f"gradinit stacks on the scales {by} already applied to {sorted(surgery.rescaled)}.\n"
+                f"gradinit stacks on the scales {by} already applied to {sorted(decided.rescaled)}.\n"
                 "Hint: prepare with Recipe.tost(total_steps=N, rescale_rule='gradinit') to use the learned "
                 "scales alone.",
                 TostSurgeryWarning,
@@ -366,14 +373,14 @@ def _masked_layers(model: nn.Module, mask: object) -> tuple[list[MaskEntry], lis
     else:
         surgery = None
         entries = normalize_mask(model, resolve_mask(model, mask))
-    layers = [e for e in entries if e.attr == "weight" and isinstance(e.module, _LAYER_TYPES)]
-    if surgery is not None and surgery.gradinit_layers is not None:
-        scope = set(surgery.gradinit_layers)
+    layers = [e for e in entries if e.attr == "weight" and isinstance(e.module, LAYER_TYPES)]
+    if surgery is not None and surgery.decided.gradinit_layers is not None:
+        scope = set(surgery.decided.gradinit_layers)
         layers = [e for e in layers if e.name in scope]
         if not layers:
             raise TostSurgeryError(
                 f"gradinit has no layer to scale: no masked conv/linear weight of {type(model).__name__} is in "
-                f"rescale_scope={surgery.context.recipe.rescale_scope!r}.\n"
+                f"rescale_scope={surgery.decided.recipe.rescale_scope!r}.\n"
                 "Hint: prepare with rescale_scope='all' to learn a scale for every masked layer."
             )
     if not layers:
@@ -388,14 +395,12 @@ def _search_copy(
     model: nn.Module, entries: list[MaskEntry], layers: list[MaskEntry], surgery: Any
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A copy of ``model`` with masks attached, in GradInit's mode; ``{tensor name: fixed masked weight}``."""
-    # Optimizer bindings stay with the model: they hold hooks on the user's optimizer.
-    memo = {} if surgery is None else {id(surgery.bindings): {}}
-    net = copy.deepcopy(model, memo)
+    net = copy.deepcopy(model)
     if surgery is None:
         copies = normalize_mask(net, {e.name: e.mask for e in entries})
         attach_masks(copies)
     else:
-        copies = net.tost.surgery.entries
+        copies = net.tost.surgery.decided.entries
     names = {e.name for e in layers}
     copies = [c for c in copies if c.name in names]
     net.eval()  # dropout off (and the eval graph of a prepared model)
@@ -427,40 +432,15 @@ def _draws(batches: object, device: torch.device) -> Iterator[tuple[Batch, Batch
 
 def _endless(batches: object, device: torch.device) -> Iterator[Batch]:
     """The batches again and again: re-iterated (a list, a DataLoader) or, for a one-shot iterator, cached."""
-    one_pair = isinstance(batches, (tuple, list)) and len(batches) == 2 and isinstance(batches[0], torch.Tensor)
-    if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable) or one_pair:
-        raise TostSurgeryError(
-            f"batches is an iterable of (inputs, targets) pairs, found {type(batches).__name__}.\n"
-            "Hint: wrap a single batch in a list: gradinit(model, [(x, y)])."
-        )
-    is_one_shot = iter(batches) is batches  # a generator or iterator: keep what it gives, to reuse
+    read = lambda: checked_batches(batches, device, "gradinit", TostSurgeryError, "gradinit(model, [(x, y)])")  # noqa: E731
+    is_one_shot = isinstance(batches, Iterator)  # a generator: keep what it gives, to reuse
     cache: list[Batch] = []
-    seen = 0
-    for index, batch in enumerate(batches):
-        batch = _checked_batch(index, batch, device)
-        seen += 1
+    for batch in read():
         if is_one_shot:
             cache.append(batch)
         yield batch
-    if seen == 0:
-        raise TostSurgeryError(
-            "gradinit needs data: batches gave no (inputs, targets) pair.\n"
-            "Hint: pass a few batches, e.g. itertools.islice(loader, 8)."
-        )
     while True:
-        if is_one_shot:
-            yield from cache
-        else:
-            yield from (_checked_batch(index, batch, device) for index, batch in enumerate(batches))
-
-
-def _checked_batch(index: int, batch: object, device: torch.device) -> Batch:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[0], torch.Tensor):
-        raise TostSurgeryError(
-            f"Batch {index} of gradinit is not an (inputs, targets) pair of tensors, found {type(batch).__name__}.\n"
-            "Hint: yield (x, y) from the iterable, like a classification DataLoader."
-        )
-    return batch[0].to(device), batch[1].to(device)
+        yield from cache if is_one_shot else read()
 
 
 def _check_settings(**settings: Any) -> dict[str, Any]:
@@ -468,15 +448,15 @@ def _check_settings(**settings: Any) -> dict[str, Any]:
     if algorithm not in ("sgd", "adam"):
         raise TostSurgeryError(f"gradinit: algorithm must be 'sgd' or 'adam', found {algorithm!r}.")
     steps = settings["steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_positive_int(steps):
         raise TostSurgeryError(f"gradinit: steps must be a positive int, found {steps!r}.")
     for name in ("eta", "lr"):
         value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        if not is_positive_number(value):
             raise TostSurgeryError(f"gradinit: {name} must be a positive number, found {value!r}.")
     for name in ("gamma", "min_scale", "grad_clip"):
         value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        if not is_non_negative_number(value):
             raise TostSurgeryError(f"gradinit: {name} must be a number >= 0, found {value!r}.")
     if settings["gamma"] == 0:
         raise TostSurgeryError("gradinit: gamma bounds the gradient norm; it must be > 0 (math.inf: no bound).")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
-from .._modules import Scaffold
-from .._recipe import Recipe
+if TYPE_CHECKING:
+    from .._modules import Scaffold
+    from .._recipe import Recipe
+
 
 SCHEDULE = "tost.schedule"
 CONSTANTS = "tost.constants"

@@ -4,10 +4,10 @@ Example:
     >>> mask = tost_surgery.masks.erk(model, sparsity=0.95, seed=0)
 """
 
+from .._scope import prunable_weights
 from ._layerwise import erk, erk_densities, random
 from ._lottery import LotteryTicket, lottery
 from ._nm import nm
-from ._scope import prunable_weights
 from ._scores import grasp, magnitude, snip, synflow
 from ._select import keep_top
 from ._sources import from_callable, from_state_dict, from_torch_prune

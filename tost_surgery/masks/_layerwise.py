@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._scope import check_sparsity, prunable_weights
+from .._scope import check_sparsity, prunable_weights
 from ._select import largest_remainder, target_count
 
 

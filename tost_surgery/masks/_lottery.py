@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._checks import is_positive_int, is_prepared
 from .._errors import MaskError, StateError
-from .._modules import Scaffold
-from .._recipe import Recipe
-from .._surgery import finalize, prepare
-from ._scope import check_sparsity, prunable_weights
+from .._masking import attach_masks, detach_masks, normalize_mask
+from .._scope import check_sparsity, prunable_weights
+from .._write_through import plain_reads
 from ._select import keep_top
 
 
@@ -50,8 +50,8 @@ def lottery(
     Frankle et al., "Linear Mode Connectivity and the Lottery Ticket Hypothesis", ICML 2020.
 
     Each round trains a copy of ``model`` from ``rewind_state`` under the current mask
-    (``prepare(copy, mask, Recipe.baseline())`` keeps pruned weights exactly zero while
-    ``train_fn(copy)`` trains it in place), finalizes it, and prunes the smallest ``|w|`` among the
+    (the mask is attached as a parametrization, which keeps pruned weights exactly zero while
+    ``train_fn(copy)`` trains it in place), bakes it, and prunes the smallest ``|w|`` among the
     kept weights, globally over the prunable layers (``include`` / ``exclude`` as in
     :func:`prunable_weights`), so that after round ``r`` the density is
     ``(1 - sparsity) ** (r / rounds)``. The final count is exact (as in :func:`random`) and every
@@ -59,7 +59,7 @@ def lottery(
 
     Args:
         train_fn: ``train_fn(model) -> None`` trains the model it is given, in place (it may
-            move it to another device); called once per round. The model is prepared: build the
+            move it to another device); called once per round. Its weights are masked: build the
             optimizer on ``model.parameters()`` inside ``train_fn``.
         rounds: pruning rounds; 1 is one-shot magnitude pruning after one training.
         rewind_state: the ``state_dict`` each round starts from; defaults to a copy of
@@ -76,13 +76,13 @@ def lottery(
     """
     if not isinstance(model, nn.Module):
         raise MaskError(f"lottery takes an nn.Module, found {type(model).__name__}.")
-    if isinstance(getattr(model, "tost", None), Scaffold):
+    if is_prepared(model):
         raise StateError(
             f"lottery takes a plain model, but {type(model).__name__} is prepared by tost_surgery.\n"
             "Hint: finalize it first, or pass the model before prepare."
         )
     density = 1.0 - check_sparsity(sparsity)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+    if not is_positive_int(rounds):
         raise MaskError(f"rounds is the number of prune-and-retrain rounds, at least 1, found {rounds!r}.")
     if not callable(train_fn):
         raise MaskError(
@@ -97,10 +97,11 @@ def lottery(
     for round_index in range(1, rounds + 1):
         candidate = copy.deepcopy(model)
         candidate.load_state_dict(rewind_state)
-        prepare(candidate, mask, Recipe.baseline())
-        train_fn(candidate)
-        if isinstance(getattr(candidate, "tost", None), Scaffold):
-            finalize(candidate)
+        entries = normalize_mask(candidate, mask)
+        attach_masks(entries)
+        with plain_reads:
+            train_fn(candidate)
+        detach_masks(entries, bake=True)
         scheduled = round(total * density ** (round_index / rounds))
         count = final_count if round_index == rounds else max(final_count, scheduled)
         trained = {name: candidate.get_parameter(name).detach() for name in weights}

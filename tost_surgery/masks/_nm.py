@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._checks import is_positive_int
 from .._errors import MaskError
-from ._scope import prunable_weights
+from .._scope import prunable_weights
 
 
 def nm(
@@ -39,7 +40,7 @@ def nm(
         >>> mask = tost_surgery.masks.nm(model, 2, 4, exclude=["conv1.weight"])
     """
     for label, value in (("n", n), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_positive_int(value):
             raise MaskError(f"{label} must be an int >= 1, found {value!r}.\nHint: nm(model, n=2, m=4) keeps 2 of 4.")
     if n > m:
         raise MaskError(f"n:m keeps n weights of every m, so n <= m; found n={n}, m={m}.\nHint: 2:4 is n=2, m=4.")

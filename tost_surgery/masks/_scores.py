@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import checked_batches, is_positive_int, is_positive_number
 from .._errors import MaskError
-from ._scope import check_sparsity, prunable_weights
+from .._scope import check_sparsity, prunable_weights
 from ._select import keep_top, target_count
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -107,7 +108,7 @@ def grasp(
     """
     weights = prunable_weights(model, include, exclude)
     density = 1.0 - check_sparsity(sparsity)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+    if not is_positive_number(temperature):
         raise MaskError(f"temperature divides the logits: a positive number, found {temperature!r}.")
     scores = _grasp_scores(model, list(weights), batches, loss_fn, float(temperature))
     lowest_first = {name: -score for name, score in scores.items()}
@@ -144,7 +145,7 @@ def synflow(
     weights = prunable_weights(model, include, exclude)
     density = 1.0 - check_sparsity(sparsity)
     shape = _check_input_shape(input_shape)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    if not is_positive_int(iterations):
         raise MaskError(f"iterations is the number of prune-and-rescore rounds, an int >= 1, found {iterations!r}.")
     numels = _numels(weights)
     target = target_count(numels, density)
@@ -194,19 +195,6 @@ def _grasp_scores(
             if terms:
                 _accumulate(hessian_gradient, torch.autograd.grad(torch.stack(terms).sum(), weights, allow_unused=True))
         return {name: -w.detach() * hg for name, w, hg in zip(names, weights, hessian_gradient)}
-
-
-def _synflow_scores(
-    model: nn.Module, names: list[str], input_shape: Sequence[int], masks: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """One SynFlow scoring pass (float64) on a linearized copy of ``model``; pruned weights score ``-inf``."""
-    shape = _check_input_shape(input_shape)
-    with _scratch_copy(model) as net:
-        _linearize(net)
-        if masks is None:
-            params = dict(net.named_parameters())
-            masks = {name: torch.ones_like(params[name], dtype=torch.bool) for name in names}
-        return _synflow_pass(net, names, shape, masks)
 
 
 def _linearize(net: nn.Module) -> None:
@@ -266,32 +254,7 @@ def _differentiable(net: nn.Module, names: list[str]) -> list[torch.Tensor]:
 
 def _each_batch(batches: object, device: torch.device, method: str) -> Iterator[Batch]:
     """The ``(x, y)`` pairs of ``batches`` on ``device``; a MaskError if it is no such iterable or empty."""
-    example = f"tost_surgery.masks.{method}(model, 0.9, [(x, y)])"
-    if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable) or _is_one_batch(batches):
-        raise MaskError(
-            f"batches is an iterable of (inputs, targets) pairs, found {type(batches).__name__}.\n"
-            f"Hint: wrap a single batch in a list: {example}."
-        )
-    count = 0
-    for index, batch in enumerate(batches):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise MaskError(
-                f"Batch {index} of {method} is not an (inputs, targets) pair, found {type(batch).__name__}"
-                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                + ".\nHint: yield (x, y) from the iterable, like a classification DataLoader."
-            )
-        x, y = (v.to(device) if isinstance(v, torch.Tensor) else v for v in batch)
-        count += 1
-        yield x, y
-    if count == 0:
-        raise MaskError(
-            f"{method} needs data: batches gave no (inputs, targets) pair.\nHint: pass a few batches, {example}."
-        )
-
-
-def _is_one_batch(batches: object) -> bool:
-    """``(x, y)`` itself, passed where a list of such pairs was meant."""
-    return isinstance(batches, (tuple, list)) and len(batches) == 2 and isinstance(batches[0], torch.Tensor)
+    return checked_batches(batches, device, method, MaskError, f"tost_surgery.masks.{method}(model, 0.9, [(x, y)])")
 
 
 def _accumulate(total: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:

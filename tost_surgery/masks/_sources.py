@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from .._errors import MaskError
-from .._masking import normalize_mask
-from ._scope import prunable_weights
+from .._masking import mask_from_callable
+from .._scope import prunable_weights
 
 # ``conv.parametrizations.weight.0.mask``: a checkpoint of a model prepared by tost_surgery (or torch.ao.pruning).
 _PARAMETRIZED_MASK = re.compile(r"^(?P<owner>.*?)(?:^|\.)parametrizations\.(?P<attr>[^.]+)\.\d+\.mask$")
@@ -149,28 +149,7 @@ def from_callable(model: nn.Module, fn: Callable[[str, torch.Tensor], torch.Tens
         ...     model, lambda name, w: w.abs() > 1e-2 if name.endswith("weight") and w.dim() > 1 else None
         ... )
     """
-    if not isinstance(model, nn.Module):
-        raise MaskError(f"from_callable takes an nn.Module, found {type(model).__name__}.")
-    if not callable(fn):
-        raise MaskError(f"from_callable takes a function fn(name, param) -> Tensor | None, found {type(fn).__name__}.")
-    masks: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            value = fn(name, param)
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise MaskError(
-                    f"fn({name!r}, param) returned a {type(value).__name__}; it must return a tensor or None.\n"
-                    "Hint: return a bool tensor shaped like the parameter, e.g. param.abs() > threshold."
-                )
-            masks[name] = value
-    if not masks:
-        raise MaskError(
-            f"fn returned None for every parameter of {type(model).__name__}: the mask covers nothing.\n"
-            "Hint: return a bool tensor for the parameters to prune, e.g. conv and linear weights."
-        )
-    return {entry.name: entry.mask for entry in normalize_mask(model, masks)}
+    return mask_from_callable(model, fn)
 
 
 def _pruning_hooks(model: nn.Module) -> list[tuple[str, nn.Module, str]]:

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._errors import MaskError
+from ._checks import LAYER_TYPES, is_real
+from ._errors import MaskError
 
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+DEFAULT_TYPES = LAYER_TYPES
 
 
 def prunable_weights(
@@ -62,7 +63,7 @@ def check_sparsity(sparsity: object) -> float:
     value = sparsity
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         short = isinstance(sparsity, (str, bool, numbers.Number, type(None)))
         shown = repr(sparsity) if short else f"a {type(sparsity).__name__}"
         raise MaskError(
