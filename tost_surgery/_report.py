@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
+from ._checks import is_prepared
 from ._errors import MaskError
 from ._masking import MaskEntry
 from ._modules import Scaffold
@@ -97,9 +98,8 @@ def report(model_or_mask: nn.Module | Mapping[str, torch.Tensor]) -> Report:
         >>> rich.print(tost_surgery.report(mask))
     """
     if isinstance(model_or_mask, nn.Module):
-        scaffold = getattr(model_or_mask, "tost", None)
-        if isinstance(scaffold, Scaffold):
-            return _prepared_report(model_or_mask, scaffold)
+        if is_prepared(model_or_mask):
+            return _prepared_report(model_or_mask, model_or_mask.tost)
         weights = prunable_weights(model_or_mask)
         rows = [_row(name, weight.detach() != 0) for name, weight in weights.items()]
         return _build(rows, f"{type(model_or_mask).__name__}: nonzero weights")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from ._checks import is_prepared
 from ._errors import RecipeError, StateError, TostSurgeryError, did_you_mean, warn
 from ._fx._context import PassContext
 from ._fx._layout import CallSignature
@@ -312,10 +313,9 @@ def finalize(model: nn.Module, *, force: bool = False) -> nn.Module:
 
 def surgery_of(model: nn.Module, verb: str) -> Surgery:
     """The :class:`Surgery` of a prepared model, or a :class:`StateError` naming ``verb``."""
-    scaffold = getattr(model, "tost", None) if isinstance(model, nn.Module) else None
-    if not isinstance(scaffold, Scaffold):
+    if not is_prepared(model):
         inner = getattr(model, "module", None) if isinstance(model, nn.Module) else None
-        if isinstance(getattr(inner, "tost", None), Scaffold):
+        if is_prepared(inner):
             raise StateError(
                 f"{verb}: {type(model).__name__} wraps a prepared {type(inner).__name__}; "
                 "tost_surgery works on the model itself.\nHint: pass the prepared model (wrapper.module)."
@@ -324,14 +324,14 @@ def surgery_of(model: nn.Module, verb: str) -> Surgery:
             f"{verb}: {type(model).__name__} is not prepared by tost_surgery.\n"
             "Hint: call tost_surgery.prepare(model, mask, recipe) first."
         )
-    return scaffold.surgery
+    return model.tost.surgery
 
 
 def _check_preparable(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise TostSurgeryError(f"prepare takes an nn.Module, found {type(model).__name__}.")
     name = type(model).__name__
-    if isinstance(getattr(model, "tost", None), Scaffold):
+    if is_prepared(model):
         raise StateError(
             f"{name} is already prepared by tost_surgery.\nHint: finalize(model) first, or prepare a fresh model."
         )

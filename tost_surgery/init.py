@@ -38,10 +38,10 @@ from ._checks import (
     is_non_negative_number,
     is_positive_int,
     is_positive_number,
+    is_prepared,
 )
 from ._errors import StateError, TostSurgeryError, TostSurgeryWarning
 from ._masking import MaskEntry, attach_masks, normalize_mask, original_parameter, resolve_mask
-from ._modules import Scaffold
 
 __all__ = ["GradInitReport", "LayerScale", "gradinit"]
 
@@ -338,8 +338,8 @@ def _masked_layers(model: nn.Module, mask: object) -> tuple[list[MaskEntry], lis
     """Every mask entry of ``model``, those of conv/linear weights, and its Surgery if prepared."""
     if not isinstance(model, nn.Module):
         raise TostSurgeryError(f"gradinit takes an nn.Module, found {type(model).__name__}.")
-    scaffold = getattr(model, "tost", None)
-    if isinstance(scaffold, Scaffold):
+    if is_prepared(model):
+        scaffold = model.tost
         if mask is not None:
             raise StateError(
                 f"{type(model).__name__} is prepared: gradinit uses the masks it was prepared with.\n"
