@@ -8,7 +8,8 @@ tost_surgery first, then hand it to Accelerate::
     bind_accelerate(accelerator, model, optimizer)
     for x, y in loader:
         with accelerator.accumulate(model):
-            loss = tost.losses.cross_entropy(accelerator.unwrap_model(model), model(x), y)
+            smoothing = tost.label_smoothing(accelerator.unwrap_model(model))
+            loss = F.cross_entropy(model(x), y, label_smoothing=smoothing)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -27,7 +28,7 @@ from torch import nn
 import tost_surgery as tost
 
 
-def bind_accelerate(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer) -> tost.BindHandle:
+def bind_accelerate(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
     """``tost.bind`` on the unwrapped model (DDP, compile) and the torch optimizer inside Accelerate's wrapper."""
     inner_model = accelerator.unwrap_model(model)
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer.optimizer

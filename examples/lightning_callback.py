@@ -10,7 +10,7 @@ optimizer steps, i.e. after gradient accumulation::
     trainer.fit(module, train_loader)
 
     # in LightningModule.training_step:
-    #     loss = tost.losses.cross_entropy(self.model, self.model(x), y)
+    #     loss = F.cross_entropy(self.model(x), y, label_smoothing=tost.label_smoothing(self.model))
 
 Lightning calls each optimizer's ``step`` once per accumulated step, and not at all when AMP's
 GradScaler skips one, so the schedule counts exactly the steps that updated the weights. The
@@ -51,7 +51,7 @@ class TostCallback(Callback):
     def __init__(self, finalize: bool = True) -> None:
         super().__init__()
         self.finalize = finalize
-        self.handles: list[tost.BindHandle] = []
+        self.handles: list = []  # what tost.bind returned, one per prepared model
 
     def on_train_start(self, trainer, pl_module: nn.Module) -> None:
         models = prepared_modules(pl_module)

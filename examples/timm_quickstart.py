@@ -4,6 +4,7 @@ import sys
 
 import timm
 import torch
+import torch.nn.functional as F
 
 import tost_surgery as tost
 
@@ -13,7 +14,7 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 tost.bind(model, optimizer)  # every optimizer.step() advances the recipe's schedule
 for _ in range(20):  # random images stand in for your DataLoader
     x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
-    loss = tost.losses.cross_entropy(model, model(x), y)  # label smoothing from the recipe
+    loss = F.cross_entropy(model(x), y, label_smoothing=tost.label_smoothing(model))  # the recipe's
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -220,7 +220,7 @@ def make_mask(model: nn.Module, args: argparse.Namespace, batches: Batches) -> d
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, total_steps: int):
     """SGD with Nesterov momentum; the scaffolding's parameters in a group of their own."""
-    scaffold = tost.scaffold_parameters(model)
+    scaffold = list(model.tost.parameters()) if hasattr(model, "tost") else []  # everything prepare added
     ids = {id(p) for p in scaffold}
     groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
     if scaffold:

@@ -32,6 +32,11 @@ BATCHES_PER_EPOCH, ACCUMULATE, EPOCHS = 5, 2, 2
 OPTIMIZER_STEPS = EPOCHS * -(-BATCHES_PER_EPOCH // ACCUMULATE)  # 6 optimizer steps for 10 micro-batches
 
 
+def _smoothed_cross_entropy(model, logits, target, **kwargs):
+    """Cross-entropy with the recipe's current label smoothing, as a training loop computes it."""
+    return F.cross_entropy(logits, target, label_smoothing=tost.label_smoothing(model), **kwargs)
+
+
 def load_example(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -85,7 +90,7 @@ def test_lightning_trainer_counts_optimizer_steps_and_the_callback_finalizes() -
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return tost.losses.cross_entropy(self.model, self.model(x), y)
+            return _smoothed_cross_entropy(self.model, self.model(x), y)
 
         def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
             self.schedule_after_batch.append(self.model.tost.schedule.steps_taken)
@@ -195,7 +200,7 @@ def test_accelerate_hook_counts_only_synchronized_steps(fresh_accelerate_state) 
     for _ in range(EPOCHS):
         for x, y in data:
             with accelerator.accumulate(wrapped):
-                loss = tost.losses.cross_entropy(accelerator.unwrap_model(wrapped), wrapped(x), y)
+                loss = _smoothed_cross_entropy(accelerator.unwrap_model(wrapped), wrapped(x), y)
                 accelerator.backward(loss)
                 optimizer.step()  # called every micro-batch; the inner SGD steps only when synchronized
                 optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Modified labels: the label-smoothing schedules, read through label_smoothing(model) and losses.cross_entropy."""
+"""Modified labels: the label-smoothing schedules, read through label_smoothing(model)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,9 @@ import copy
 import math
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 import tost_surgery as tost
-from tost_surgery import Recipe, StateError, TostSurgeryError
-from tost_surgery.losses import cross_entropy
+from tost_surgery import Recipe
 
 from .conftest import TinyNet, bernoulli_mask
 
@@ -68,36 +65,3 @@ def test_a_checkpoint_resumes_the_label_schedule() -> None:
     assert tost.label_smoothing(fresh) == pytest.approx(0.1)
     fresh.load_state_dict(state)
     assert tost.label_smoothing(fresh) == tost.label_smoothing(model) == pytest.approx(0.04)
-
-
-@pytest.mark.parametrize("steps", [0, 2, 5, 9])
-def test_cross_entropy_is_f_cross_entropy_with_the_current_smoothing(images, steps) -> None:
-    model = prepared(Recipe.tost(total_steps=10, warmup=0.5))
-    if steps:
-        tost.step(model, steps)
-    target = torch.tensor([1, 0, 3, 9])
-    logits = model(images)
-    expected = F.cross_entropy(logits, target, label_smoothing=tost.label_smoothing(model))
-    assert torch.equal(cross_entropy(model, logits, target), expected)
-
-
-def test_cross_entropy_passes_other_arguments_and_gradients(images) -> None:
-    model = prepared(Recipe.tost(total_steps=10))
-    target = torch.tensor([1, 0, -100, 9])
-    weight = torch.linspace(0.5, 1.5, 10)
-    logits = model(images)
-    loss = cross_entropy(model, logits, target, weight=weight, reduction="sum", ignore_index=-100)
-    expected = F.cross_entropy(logits, target, weight=weight, reduction="sum", ignore_index=-100, label_smoothing=0.1)
-    assert torch.equal(loss, expected)
-    loss.backward()
-    assert model.fc.parametrizations.weight.original.grad is not None
-
-
-def test_cross_entropy_refuses_a_second_smoothing_and_unprepared_models(images) -> None:
-    model = prepared(Recipe.tost(total_steps=10))
-    target = torch.zeros(4, dtype=torch.long)
-    with pytest.raises(TostSurgeryError, match="from the model's recipe"):
-        cross_entropy(model, model(images), target, label_smoothing=0.3)
-    plain = TinyNet()
-    with pytest.raises(StateError, match="not prepared"):
-        cross_entropy(plain, plain(images), target)

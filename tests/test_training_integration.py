@@ -7,16 +7,20 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tost_surgery as tost
-from tost_surgery import Recipe, StateError
-from tost_surgery._scaffold_params import scaffold_parameters
-from tost_surgery.losses import cross_entropy
+from tost_surgery import Recipe
 
 from .conftest import TinyNet, bernoulli_mask
 
 ACCUMULATE = 3
+
+
+def _smoothed_cross_entropy(model, logits, target, **kwargs):
+    """Cross-entropy with the recipe's current label smoothing, as a training loop computes it."""
+    return F.cross_entropy(logits, target, label_smoothing=tost.label_smoothing(model), **kwargs)
 
 
 def micro_batch(index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +45,7 @@ def train_accumulating(model: nn.Module, optimizer_steps: int, *, bound: bool) -
         optimizer.zero_grad(set_to_none=True)
         for micro in range(ACCUMULATE):
             x, y = micro_batch(step * ACCUMULATE + micro)
-            loss = cross_entropy(model, model(x), y) / ACCUMULATE
+            loss = _smoothed_cross_entropy(model, model(x), y) / ACCUMULATE
             loss.backward()
             losses.append(loss.item())
         optimizer.step()
@@ -77,7 +81,7 @@ def test_a_step_that_grad_scaler_skips_is_not_counted() -> None:
     x, y = micro_batch(0)
     for poison in (True, False, False):
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(cross_entropy(model, model(x), y)).backward()
+        scaler.scale(_smoothed_cross_entropy(model, model(x), y)).backward()
         if poison:
             model.fc.bias.grad[0] = float("inf")
         scaler.step(optimizer)
@@ -90,28 +94,26 @@ def test_finalize_unbinds_the_optimizer() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     tost.bind(model, optimizer)
     x, y = micro_batch(0)
-    cross_entropy(model, model(x), y).backward()
+    _smoothed_cross_entropy(model, model(x), y).backward()
     optimizer.step()
     tost.finalize(model)
     optimizer.step()  # no schedule left to advance, and no error
     assert not hasattr(model, "tost")
 
 
-def test_scaffold_parameters_are_exactly_the_parameters_under_model_tost() -> None:
+def test_the_scaffolding_parameters_are_exactly_those_under_model_tost() -> None:
     model = prepared(Recipe.tost(total_steps=10))
-    scaffold = scaffold_parameters(model)
+    scaffold = list(model.tost.parameters())
     expected = [p for name, p in model.named_parameters() if name.startswith("tost.")]
     assert len(scaffold) == len(expected) == 8  # 3 ghost skips: two 1x1 conv + BatchNorm, one BatchNorm (8 -> 8)
     assert all(a is b for a, b in zip(scaffold, expected))
-    assert scaffold_parameters(model) == scaffold  # stable order
-    assert scaffold_parameters(prepared(Recipe.baseline())) == []
-    with pytest.raises(StateError, match="scaffold_parameters"):
-        scaffold_parameters(TinyNet())
+    assert list(model.tost.parameters()) == scaffold  # stable order
+    assert list(prepared(Recipe.baseline()).tost.parameters()) == []
 
 
-def test_scaffold_parameters_get_their_own_learning_rate_and_weight_decay() -> None:
+def test_the_scaffolding_parameters_get_their_own_learning_rate_and_weight_decay() -> None:
     model = prepared(Recipe.tost(total_steps=4, warmup=0.5))
-    scaffold = scaffold_parameters(model)
+    scaffold = list(model.tost.parameters())
     ids = {id(p) for p in scaffold}
     rest = [p for p in model.parameters() if id(p) not in ids]
     assert len(rest) + len(scaffold) == len(list(model.parameters()))
@@ -124,7 +126,7 @@ def test_scaffold_parameters_get_their_own_learning_rate_and_weight_decay() -> N
     for step in range(3):
         optimizer.zero_grad(set_to_none=True)
         x, y = micro_batch(step)
-        cross_entropy(model, model(x), y).backward()
+        _smoothed_cross_entropy(model, model(x), y).backward()
         if step == 0:
             assert all(p.grad is not None for p in scaffold)  # they do train while active
         optimizer.step()
@@ -139,11 +141,11 @@ def test_retired_scaffolding_is_not_decayed_by_weight_decay() -> None:
     tost.bind(model, optimizer)
     x, y = micro_batch(0)
     optimizer.zero_grad(set_to_none=True)
-    cross_entropy(model, model(x), y).backward()
+    _smoothed_cross_entropy(model, model(x), y).backward()
     optimizer.step()  # the skips retire here
-    frozen = copy.deepcopy([p.detach() for p in scaffold_parameters(model)])
+    frozen = copy.deepcopy([p.detach() for p in list(model.tost.parameters())])
     for _ in range(2):
         optimizer.zero_grad(set_to_none=True)
-        cross_entropy(model, model(x), y).backward()
+        _smoothed_cross_entropy(model, model(x), y).backward()
         optimizer.step()
-    assert all(torch.equal(p, b) for p, b in zip(scaffold_parameters(model), frozen))
+    assert all(torch.equal(p, b) for p, b in zip(list(model.tost.parameters()), frozen))

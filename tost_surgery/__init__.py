@@ -9,21 +9,19 @@ Example:
     >>> clean = tost.finalize(model)
 """
 
-from . import init, losses, masks
+from . import init, masks
 from ._distributed import check_masks_match
 from ._errors import MaskError, RecipeError, StateError, TostSurgeryError, TostSurgeryWarning, TraceError
 from ._plan import Plan, plan
 from ._recipe import Recipe
 from ._report import Report, report
-from ._scaffold_params import scaffold_parameters
 from ._status import Status, status
 from ._surgery import finalize, prepare
-from ._training import BindHandle, bind, graph, label_smoothing, step
+from ._training import bind, graph, label_smoothing, step
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BindHandle",
     "MaskError",
     "Plan",
     "Recipe",
@@ -40,12 +38,10 @@ __all__ = [
     "graph",
     "init",
     "label_smoothing",
-    "losses",
     "masks",
     "plan",
     "prepare",
     "report",
-    "scaffold_parameters",
     "status",
     "step",
 ]
