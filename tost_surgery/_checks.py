@@ -38,8 +38,11 @@ def is_non_negative_number(value: object) -> bool:
 
 
 def is_prepared(model: object) -> bool:
-    """Whether ``model`` is prepared by tost_surgery (it carries the scaffold under ``model.tost``)."""
-    return isinstance(model, nn.Module) and isinstance(model._modules.get("tost"), Scaffold)
+    """Whether ``model`` is prepared by tost_surgery (it carries the scaffold under ``model.tost``).
+
+    A ``torch.compile`` wrapper counts: it forwards attribute reads to the model inside.
+    """
+    return isinstance(model, nn.Module) and isinstance(getattr(model, "tost", None), Scaffold)
 
 
 def checked_batches(
