@@ -407,23 +407,11 @@ def evaluate(model: nn.Module, loader, run: Run) -> dict[str, float]:
     return {"loss": loss, "top1": top1, "top5": top5}
 
 
-def follow_schedule(module: nn.Module) -> None:
-    """Make an EMA copy's scaffolding follow the step counter ModelEmaV3 copied into it.
-
-    ModelEmaV3 copies integer buffers, the schedule's step among them, with an in-place ``copy_``;
-    loading the module's own state re-derives the coefficients from that step.
-    """
-    module.load_state_dict(module.state_dict())
-
-
-def scaffolding(recipe: tost.Recipe, steps: int) -> str:
-    """Which annealed techniques are still in the graph after ``steps`` optimizer steps."""
-    active = [
-        name
-        for name, on in (("neurons", recipe.ghost_neurons), ("skips", recipe.ghost_skips))
-        if on and steps < recipe.warmup_steps(name)
-    ]
-    return "+".join(active) or ("retired" if recipe.ghost_neurons or recipe.ghost_skips else "none")
+def scaffolding(model: nn.Module) -> str:
+    """Which techniques' scaffolding is in the graph now (``retired`` once all of it has left)."""
+    status = tost.status(model)
+    active = [name for name, t in status.techniques.items() if t.scaffolding and t.state == "active"]
+    return "+".join(active) or ("retired" if any(t.scaffolding for t in status.techniques.values()) else "none")
 
 
 # --------------------------------------------------------------------------- checkpoints and logs
@@ -593,14 +581,13 @@ def run_epoch(run: Run, epoch: int, train_loader, eval_loader, recipe, progress,
         "optimizer_steps": run.optimizer_steps,
         "lr": run.optimizer.param_groups[0]["lr"],
         "label_smoothing": tost.label_smoothing(run.model),
-        "scaffolding": scaffolding(recipe, run.optimizer_steps),
+        "scaffolding": scaffolding(run.model),
         "train_loss": train_loss,
     }
     row.update({f"val_{k}": v for k, v in evaluate(run.model, eval_loader, run).items()})
     if run.ema is not None:
         if run.dist.world > 1:
             distribute_bn(run.ema.module, run.dist.world, reduce=True)
-        follow_schedule(run.ema.module)
         row.update({f"ema_val_{k}": v for k, v in evaluate(run.ema.module, eval_loader, run).items()})
     if run.scheduler is not None:
         run.scheduler.step(epoch, row["val_top1"])
@@ -614,8 +601,7 @@ def finish(run: Run, recipe: tost.Recipe, mask, num_classes: int, log: EpochLog,
     tost.finalize(run.model)  # the original timm class and forward, plain sparse weights
     torch.save(run.model.state_dict(), out / "model.pt")
     saved = ["model.pt"]
-    if run.ema is not None:
-        follow_schedule(run.ema.module)
+    if run.ema is not None:  # ModelEmaV3 copied the schedule's step too: the copy has retired with the model
         tost.finalize(run.ema.module)
         torch.save(run.ema.module.state_dict(), out / "model_ema.pt")
         saved.append("model_ema.pt")
