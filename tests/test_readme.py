@@ -1,4 +1,4 @@
-"""Every Python block of README.md runs as written, with small stand-ins for the names it assumes."""
+"""Every Python block of README.md and docs/*.md runs as written, with small stand-ins for the names it assumes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ import tost_surgery as tost
 
 from .conftest import TinyNet, bernoulli_mask
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [
+    (f"{doc.relative_to(ROOT)} block {i}", block)
+    for doc in DOCS
+    for i, block in enumerate(re.findall(r"^```python\n(.*?)^```", doc.read_text(), flags=re.S | re.M))
+]
 
 
 def stand_ins() -> dict[str, object]:
@@ -29,19 +34,18 @@ def stand_ins() -> dict[str, object]:
             "recipe": tost.Recipe.tost(total_steps=len(loader))}
 
 
-def test_the_readme_has_python_blocks() -> None:
-    assert len(BLOCKS) >= 2
+def test_the_docs_have_python_blocks() -> None:
+    assert sum(name.startswith("README.md") for name, _ in BLOCKS) >= 1 and len(BLOCKS) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index: int, tmp_path, monkeypatch) -> None:
-    block = BLOCKS[index]
+@pytest.mark.parametrize(("name", "block"), BLOCKS, ids=[name for name, _ in BLOCKS])
+def test_docs_block_runs(name: str, block: str, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     needs_group = "DDP(" in block or "check_masks_match" in block
     if needs_group:  # a one-process group, as torchrun would set up on every rank
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        exec(compile(block, f"README.md block {index}", "exec"), stand_ins())  # noqa: S102 - the docs' own code
+        exec(compile(block, name, "exec"), stand_ins())  # noqa: S102 - the docs' own code
     finally:
         if needs_group:
             dist.destroy_process_group()

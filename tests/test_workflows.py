@@ -100,7 +100,7 @@ def test_a_copy_of_the_state_follows_the_schedule(make_copy) -> None:
 
 
 def test_averaged_model_with_buffers_averages_the_step_too() -> None:
-    """AveragedModel(use_buffers=True) averages every buffer, the step included (see README)."""
+    """AveragedModel(use_buffers=True) averages every buffer, the step included (see docs/guide.md)."""
     model, optimizer = prepared_tiny()
     data = batches()
     train_step(model, optimizer, *data[0])
