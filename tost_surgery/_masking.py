@@ -13,19 +13,46 @@ from ._errors import MaskError, did_you_mean
 from ._write_through import MaskedWeight, cached_by_version, plain_reads, wants_plain
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _nonzero(mask: torch.Tensor) -> torch.Tensor:
     return mask != 0
 
 
+def _bits_of(itemsize: int):  # noqa: ANN202
+    """``mask -> all-ones bits where kept, zero bits where masked``, as integers of ``itemsize`` bytes."""
+    return lambda mask: torch.where(mask != 0, -1, 0).to(_BITS[itemsize])
+
+
+class _KeepBits(torch.autograd.Function):
+    """``weight & bits`` on the float's bit pattern, forward and backward.
+
+    A masked position becomes +0.0 whatever it held, NaN and inf included (``NaN * 0`` is NaN), and so
+    does the gradient there; unlike ``torch.where`` it is a multiply's cost on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(bits)
+        return (weight.view(bits.dtype) & bits).view(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        (bits,) = ctx.saved_tensors
+        return (grad.view(bits.dtype) & bits).view(grad.dtype), None
+
+
 class MaskParametrization(nn.Module):
-    """``weight -> where(mask, weight, 0)``: the effective weight is exactly zero where ``mask`` is.
+    """``weight -> weight`` with the masked positions exactly +0.0: the mask's zeros in the effective weight.
 
     A NaN or inf at a masked position of the trainable tensor never reaches the effective weight,
-    nor a gradient at one reaches the trainable tensor. The mask is a saved buffer of 0/1 in the
-    weight's dtype (averaging helpers such as ``AveragedModel(use_buffers=True)`` average every
-    buffer, and a bool tensor cannot be averaged). Assigning to the parametrized tensor stores the
-    value as given (masked again on every read); read from outside the model's forward it is a
-    :class:`~tost_surgery._write_through.MaskedWeight`, so in-place writes reach the trainable tensor.
+    nor a gradient at one the trainable tensor (the bits are cleared, not multiplied by zero). The
+    mask is a saved buffer of 0/1 in the weight's dtype (averaging helpers such as
+    ``AveragedModel(use_buffers=True)`` average every buffer, and a bool tensor cannot be averaged).
+    Assigning to the parametrized tensor stores the value as given (masked again on every read);
+    read from outside the model's forward it is a :class:`~tost_surgery._write_through.MaskedWeight`,
+    so in-place writes reach the trainable tensor.
     """
 
     def __init__(self, mask: torch.Tensor) -> None:
@@ -33,11 +60,12 @@ class MaskParametrization(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        kept = cached_by_version(self, "_kept", self.mask, _nonzero)
-        effective = torch.where(kept, weight, 0)
+        size = weight.element_size()
+        bits = cached_by_version(self, f"_bits{size}", self.mask, _bits_of(size))
+        effective = _KeepBits.apply(weight, bits)
         if wants_plain():
             return effective
-        return MaskedWeight.wrap(effective, weight, kept)
+        return MaskedWeight.wrap(effective, weight, cached_by_version(self, "_kept", self.mask, _nonzero))
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
