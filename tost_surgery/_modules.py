@@ -9,10 +9,12 @@ from torch import nn
 from ._recipe import Recipe
 from ._schedule import Schedule
 
-# oneDNN 3.12's AVX2 kernel for the weight gradient of a strided 1x1 conv whose input has 2-7
-# channels (per group) in channels_last writes past its buffers: the process aborts ("double free
-# or corruption"), segfaults or hangs on CPUs without AVX-512 (AMD EPYC before Zen 4). From 8
-# channels on, and with AVX-512, it computes the right gradient; the ghost skip keeps below that.
+# oneDNN 3.12's AVX2 kernel for the weight gradient of a strided 1x1 conv with 2-7 input channels
+# in channels_last fp32 (jit_avx2_1x1_convolution_bwd_weights_t, taken when the stride divides
+# the input size) writes past its buffers: the process aborts ("double free or corruption"),
+# segfaults or hangs on CPUs without AVX-512 (AMD EPYC before Zen 4). From 8 channels on, and
+# with AVX-512, the gradient is right. Grouped convs got oneDNN's general kernel where measured;
+# below 8 channels per group they subsample too.
 _SAFE_STRIDED_1X1_CHANNELS = 8
 
 
