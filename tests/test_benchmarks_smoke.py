@@ -21,7 +21,8 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
 ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
 
-def run(script: str, *args: str, timeout: int = 120) -> str:
+def run(script: str, *args: str, timeout: int = 300) -> str:
+    """Run a benchmark script; ``timeout`` stays under the per-test limit so a hung script is killed."""
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV,

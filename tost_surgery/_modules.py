@@ -13,6 +13,14 @@ from ._schedule import Schedule
 if TYPE_CHECKING:
     from ._recipe import Recipe
 
+# oneDNN 3.12's AVX2 kernel for the weight gradient of a strided 1x1 conv with 2-7 input channels
+# in channels_last fp32 (jit_avx2_1x1_convolution_bwd_weights_t, taken when the stride divides
+# the input size) writes past its buffers: the process aborts ("double free or corruption"),
+# segfaults or hangs on CPUs without AVX-512 (AMD EPYC before Zen 4). From 8 channels on, and
+# with AVX-512, the gradient is right. Grouped convs got oneDNN's general kernel where measured;
+# below 8 channels per group they subsample too.
+_SAFE_STRIDED_1X1_CHANNELS = 8
+
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
@@ -64,8 +72,16 @@ class GhostSkip(nn.Module):
         self.per_channel = branch == "conv_bn" and conv.groups == conv.in_channels == conv.out_channels
         if branch == "bn":
             self.bn = nn.BatchNorm2d(conv.out_channels, **factory)
+        # Branches that subsample the input themselves, then run at stride 1 (the same products):
+        # those without a full 1x1 conv, and those with few input channels per group, because the
+        # ghost skip beside an RGB stem conv is the strided 1x1 conv oneDNN gets wrong (see
+        # _SAFE_STRIDED_1X1_CHANNELS).
+        few_channels = conv.in_channels // conv.groups < _SAFE_STRIDED_1X1_CHANNELS
+        self.subsamples = (
+            self.is_aligned and self.stride != (1, 1) and (branch != "conv_bn" or self.per_channel or few_channels)
+        )
         if branch == "conv_bn":
-            stride = self.stride if self.is_aligned and not self.per_channel else 1
+            stride = self.stride if self.is_aligned and not self.subsamples else 1
             self.conv = nn.Conv2d(
                 conv.in_channels, conv.out_channels, 1, stride=stride, groups=conv.groups, bias=False, **factory
             )
@@ -75,7 +91,7 @@ class GhostSkip(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_aligned:
             x = self._sample(x)
-        elif self.stride != (1, 1) and (self.conv is None or self.per_channel):
+        elif self.subsamples:
             x = x[..., :: self.stride[0], :: self.stride[1]]
         if self.per_channel:
             x = x * self.conv.weight.to(x.dtype).view(1, -1, 1, 1)
