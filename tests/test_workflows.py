@@ -416,3 +416,25 @@ def test_swapped_snip_arguments_say_what_was_found(tiny, images) -> None:
     with pytest.raises(MaskError, match=r"sparsity is .* found a list\.\nHint: .*order of the arguments") as info:
         tost.masks.snip(tiny, batch, 0.95)
     assert "tensor(" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_mask_has_the_multiplys_first_and_second_derivatives(dtype) -> None:
+    from tost_surgery._masking import MaskParametrization
+
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(6, 5, generator=generator) < 0.5
+    weight = torch.randn(6, 5, generator=generator).to(dtype).requires_grad_(True)
+    masking = MaskParametrization(mask.to(dtype))
+
+    def second_order(masked):
+        grad, = torch.autograd.grad((masked(weight) ** 3).sum(), weight, create_graph=True)
+        return grad, torch.autograd.grad((grad**2).sum(), weight)[0]
+
+    from tost_surgery._write_through import plain_reads
+
+    with plain_reads:
+        ours = second_order(masking)
+    reference = second_order(lambda w: w * mask.to(dtype))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

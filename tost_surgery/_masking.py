@@ -40,7 +40,7 @@ class _KeepBits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
         (bits,) = ctx.saved_tensors
-        return (grad.view(bits.dtype) & bits).view(grad.dtype), None
+        return _KeepBits.apply(grad, bits), None  # itself: differentiable again (GradInit's double backward)
 
 
 class MaskParametrization(nn.Module):
