@@ -12,7 +12,6 @@ from torch.nn.utils import parametrize
 from ._errors import MaskError, did_you_mean
 from ._write_through import MaskedWeight, cached_by_version, plain_reads, wants_plain
 
-
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
