@@ -1,4 +1,4 @@
-"""Smoke runs of ``benchmarks/accuracy.py`` and ``benchmarks/overhead.py`` at tiny sizes.
+"""Smoke runs of ``benchmarks/accuracy.py``, ``overhead.py`` and ``gpu_check.py`` at tiny sizes.
 
 They check that the scripts run end to end and write their files with the expected columns;
 never a timing or an accuracy.
@@ -184,3 +184,16 @@ def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
         assert row["ok"], row
         assert row["masked_nonzero"] == 0 and row["baseline_vs_reference"] == 0.0
     assert "resnet18" in output
+
+    table = output[output.index("GPU check on cpu") :]
+    again = run("gpu_check.py", "--report", "--out", str(tmp_path))  # the table again, from the JSON alone
+    assert again[again.index("GPU check on cpu") :] == table
+
+
+def test_gpu_check_report_needs_the_directory_of_its_json(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", BENCHMARKS / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--report"])
+    assert "--report reads <out>/gpu_check.json: pass --out DIR" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""The benchmark reports, rendered again from saved results, equal the files saved beside them.
+
+Each expected file was written by the benchmark that measured the data (the committed results in
+``benchmarks/results`` and ``benchmarks/COVERAGE.md``, and small fixtures in
+``tests/fixtures/benchmarks``); a renderer change that moves a number or a word shows here.
+Rendering needs no torch and takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+FIXTURES = ROOT / "tests" / "fixtures" / "benchmarks"
+
+sys.path.insert(0, str(BENCHMARKS))
+try:
+    import _common
+    import coverage_report
+    import gpu_check_report
+    import overhead_report
+finally:
+    sys.path.remove(str(BENCHMARKS))
+
+OVERHEAD_JSONS = sorted(p for p in RESULTS.rglob("overhead*.json") if "profile" not in p.name)
+
+
+def test_every_committed_overhead_json_has_its_markdown() -> None:
+    assert len(OVERHEAD_JSONS) >= 7
+    assert all(p.with_suffix(".md").is_file() for p in OVERHEAD_JSONS)
+
+
+@pytest.mark.parametrize("source", OVERHEAD_JSONS, ids=lambda p: str(p.relative_to(RESULTS)))
+def test_overhead_markdown_renders_again_from_its_json(source: Path, tmp_path: Path) -> None:
+    overhead_report.render(_common.read_json(source), tmp_path)
+    assert (tmp_path / "overhead.md").read_text() == source.with_suffix(".md").read_text()
+
+
+def test_overhead_profile_renders_again_from_its_json() -> None:
+    profiled = _common.read_json(FIXTURES / "overhead_profile_tiny_cnn.json")
+    assert overhead_report.render_profile(profiled) == (FIXTURES / "overhead_profile_tiny_cnn.md").read_text()
+
+
+def _environment_of(page: str) -> dict[str, str | None]:
+    """The machine facts a COVERAGE.md states (they describe where it was rendered)."""
+    processor, python = re.search(r"one thread per model \((.+), Python (\S+)\)\.", page).groups()
+    versions = re.search(r"^Versions: (.+)\.$", page, re.MULTILINE)
+    return {"processor": processor, "python": python, "versions": versions and versions.group(1)}
+
+
+def test_coverage_page_renders_again_from_the_committed_csv() -> None:
+    page = (BENCHMARKS / "COVERAGE.md").read_text()
+    rows = _common.read_csv(RESULTS / "coverage.csv")
+    text = coverage_report.render(rows, "benchmarks/results/coverage.csv", _environment_of(page), {}, 6e8)
+    assert text == page
+
+
+def test_coverage_page_of_a_partial_sweep_with_failures() -> None:
+    """Failed rows, every kind of row not buildable, partial and eager tracing, and "N of M run so far"."""
+    page = (FIXTURES / "COVERAGE.md").read_text()
+    rows = _common.read_csv(FIXTURES / "coverage.csv")
+    listed = {"tv": 80, "timm": 1371}
+    text = coverage_report.render(rows, "tests/fixtures/benchmarks/coverage.csv", _environment_of(page), listed, 6e8)
+    assert text == page
+    assert "(5 of 80 models run so far)" in text and "## Failures (3)" in text
+
+
+def test_coverage_write_report_renders_the_csv_into_the_page(tmp_path: Path) -> None:
+    csv_path = tmp_path / "coverage.csv"
+    csv_path.write_text((FIXTURES / "coverage.csv").read_text())
+    listed = {"tv": 80, "timm": 1371}
+    coverage_report.write_report(csv_path, tmp_path / "out" / "COVERAGE.md", 6e8, listed)
+    label = os.path.relpath(csv_path, ROOT)  # the page names the CSV relative to the repository
+    expected = coverage_report.render(_common.read_csv(csv_path), label, coverage_report.environment(), listed, 6e8)
+    assert (tmp_path / "out" / "COVERAGE.md").read_text() == expected
+
+
+def test_gpu_check_table_prints_again_from_its_json() -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=160, color_system=None, force_terminal=False)
+    gpu_check_report.print_report(_common.read_json(FIXTURES / "gpu_check.json"), console)
+    assert buffer.getvalue() == (FIXTURES / "gpu_check.txt").read_text()
+
+
+def test_markdown_table_aligns_and_rules() -> None:
+    assert _common.markdown_table(["a", "b"], [["1", "2"]], right=[1]) == ["| a | b |", "| --- | ---: |", "| 1 | 2 |"]
+    assert _common.markdown_table(["a", "b"], [], compact_rule=True) == ["| a | b |", "|---|---|"]
+
+
+@given(st.lists(st.sampled_from("abcde"), min_size=1, max_size=5, unique=True), st.integers(0, 12))
+def test_interleaved_rounds_take_every_variant_once_and_rotate(order: list[str], rounds: int) -> None:
+    orders = list(_common.interleaved(order, rounds))
+    assert len(orders) == rounds
+    for r, each in enumerate(orders):
+        assert sorted(each) == sorted(order) and each[0] == order[r % len(order)]
+
+
+def test_paired_ratios_and_quartiles() -> None:
+    ratios = _common.paired_ratios([2.0, 3.0, 8.0], [1.0, 2.0, 4.0])
+    assert ratios == [2.0, 1.5, 2.0]
+    assert _common.quartiles(ratios) == (1.75, 2.0, 2.0)
+    assert _common.quartiles([1.5]) == (1.5, 1.5, 1.5)
