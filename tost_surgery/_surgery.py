@@ -15,14 +15,13 @@ from ._eager import EagerNeurons
 from ._errors import RecipeError, StateError, TostSurgeryError
 from ._fx._codegen import compile_forward
 from ._fx._context import PassContext
-from ._fx._patterns import feeds_normalization
 from ._fx._tracing import trace_per_mode
 from ._fx.passes import insert_ghost_neurons, insert_ghost_skips
 from ._fx.passes.split_norm_act import split_norm_act
 from ._masking import MaskEntry, attach_masks, detach_masks, normalize_mask, original_parameter, resolve_mask
 from ._modules import Scaffold
 from ._recipe import Recipe
-from ._rescale import rescale_factors, rescaled_layers
+from ._rescale import outside_scope, rescale_factors, rescaled_layers
 from ._schedule import Technique
 
 # The order in which graph passes run; each inserts one technique's scaffolding.
@@ -192,7 +191,7 @@ def prepare(
     )
     if pristine is not None:
         surgery.sync()
-    normalized = _normalized_layers(pristine[True], modules) if pristine is not None else frozenset()
+    normalized = outside_scope(pristine[True], modules, recipe.rescale_scope) if pristine is not None else frozenset()
     factors = rescale_factors(entries, recipe, normalized)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     scaffold.schedule.to(device)
@@ -323,15 +322,6 @@ def _check_preparable(model: object) -> None:
             f"{name} has a forward set on the instance; torch.fx traces the class's forward.\n"
             "Hint: prepare the plain model, before patching or wrapping it."
         )
-
-
-def _normalized_layers(graph: fx.Graph, modules: dict[str, nn.Module]) -> frozenset[str]:
-    """Modules every call of which feeds a normalization layer."""
-    calls: dict[str, list[bool]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(str(node.target), []).append(feeds_normalization(node, modules))
-    return frozenset(name for name, feeds in calls.items() if all(feeds))
 
 
 def _undo(model: nn.Module, entries: list[MaskEntry]) -> None:
