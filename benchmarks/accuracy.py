@@ -509,6 +509,9 @@ def run_grid(args: argparse.Namespace) -> int:
             print(f"  {'done ' if key.id in done else 'todo '} {key.id} {key.label()}")
         return 0
     started = time.perf_counter()
+    # The files written between runs are the whole report, the one ``--report`` writes, whatever subset this grid runs.
+    whole = {"arch": None, "masks": list(MASKS), "sparsities": list(SPARSITIES)}
+    report_args = argparse.Namespace(**{**vars(args), **whole})
     jobs = [(k.to_dict(), str(out), str(args.data), args.device, args.threads) for k in todo]
     failed = 0
 
@@ -526,7 +529,7 @@ def run_grid(args: argparse.Namespace) -> int:
             except Exception as error:  # noqa: BLE001 - one bad run must not stop the grid
                 message = failure(job, error)
             print(f"[{i}/{len(jobs)}] {message}", flush=True)
-            write_report(out, args)
+            write_report(out, report_args)
     else:
         import concurrent.futures as cf
         import multiprocessing as mp
@@ -539,9 +542,9 @@ def run_grid(args: argparse.Namespace) -> int:
                 except Exception as error:  # noqa: BLE001
                     message = failure(futures[future], error)
                 print(f"[{i}/{len(jobs)}] {message}", flush=True)
-                write_report(out, args)
+                write_report(out, report_args)
     print(f"finished {len(jobs)} run(s), {failed} failed, in {time.perf_counter() - started:.0f} s", flush=True)
-    write_report(out, args)
+    write_report(out, report_args)
     return 0
 
 
