@@ -84,12 +84,22 @@ def vgg16_half(num_classes: int = 10) -> nn.Module:
     return cifar_models.VGG(num_classes, config)
 
 
+def mobilenetv2_quarter(num_classes: int = 10) -> nn.Module:
+    """MobileNetV2 at width 0.25 (a 1280-channel head), 0.25M parameters."""
+    return cifar_models.MobileNetV2(num_classes, width=0.25)
+
+
+def preact_resnet18_quarter(num_classes: int = 10) -> nn.Module:
+    """PreAct ResNet-18 at quarter width (16-32-64-128 channels), 0.70M parameters."""
+    return cifar_models.PreActResNet(width=16, num_classes=num_classes)
+
+
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "resnet20": resnet20,
     "resnet32": resnet32,
     "vgg16_x0.5": vgg16_half,
-    "mobilenetv2_x0.25": lambda: cifar_models.MobileNetV2(10, width=0.25),
-    "preact_resnet18_x0.25": lambda: cifar_models.PreActResNet(width=16),
+    "mobilenetv2_x0.25": mobilenetv2_quarter,
+    "preact_resnet18_x0.25": preact_resnet18_quarter,
 }
 """The benchmark's networks; ``_x<w>`` is a width multiplier that fits a run into about 15 CPU-minutes."""
 DESCRIPTIONS = {
