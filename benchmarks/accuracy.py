@@ -1,8 +1,11 @@
 """Accuracy: the default protocol (masks only) against the ToST recipe, same mask, init and seed.
 
-CIFAR ResNet-20 on the CIFAR-10 subset (``../shared/data/cifar10-subset.npz``): trains on a
-seeded 90% split of ``x_train``, reports on ``x_test`` (``--eval-on test``, the reported grid)
-or on the held-out 10% of ``x_train`` (``--eval-on val``, for choosing the recipe's settings).
+CIFAR networks (``--arch``: ResNet-20 by default; ResNet-32, VGG-16, MobileNetV2 and PreAct
+ResNet-18, the last three narrowed to fit a CPU, see ``cifar.ARCHITECTURES``) on the CIFAR-10
+subset (``../shared/data/cifar10-subset.npz``): trains on a seeded 90% split of ``x_train``,
+reports on ``x_test`` (``--eval-on test``, the reported grid) or on the held-out 10% of
+``x_train`` (``--eval-on val``, for choosing the recipe's settings). The report has one
+section per architecture and the pairs of all of them pooled.
 
 A run is (arch, mask, sparsity, seed, epochs, eval split) and the Recipe it trains with: the
 variant (``baseline``, ``tost``, ``no_skips``...) and ``--set`` overrides only name that Recipe,
@@ -15,6 +18,7 @@ and the initial weights depend only on (arch, mask, sparsity, seed): both protoc
 start from the same masked network and see the same batches.
 
     python benchmarks/accuracy.py --grid main --masks erk --sparsities 0.98 --seeds 0 1 2 --threads 1
+    python benchmarks/accuracy.py --grid main --arch resnet32 vgg16_x0.5 --sparsities 0.98 --seeds 0
     python benchmarks/accuracy.py --grid ablation --jobs 2            # each technique alone / all but one, 0.98
     python benchmarks/accuracy.py --grid main --device cuda --jobs 4  # on a GPU
     python benchmarks/accuracy.py --eval-on val --variants tost --set warmup=0.6   # tuning (never on test)
@@ -447,7 +451,7 @@ def parse_overrides(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
 
 
 def plan(args: argparse.Namespace) -> list[RunKey]:
-    """The runs asked for, in order: sparsity (as given), mask, seed, variant."""
+    """The runs asked for, in order: sparsity (as given), architecture, mask, seed, variant."""
     overrides = parse_overrides(args.set)
     variants: list[str] = []
     if args.variants:
@@ -459,29 +463,30 @@ def plan(args: argparse.Namespace) -> list[RunKey]:
             variants += [v for v in ABLATION_VARIANTS if v not in variants]
     keys = []
     for sparsity in args.sparsities:
-        for mask in args.masks:
-            for seed in args.seeds:
-                for variant in variants:
-                    if (
-                        variant in ABLATION_VARIANTS
-                        and not args.variants
-                        and not math.isclose(sparsity, ABLATION_SPARSITY)
-                    ):
-                        continue
-                    keys.append(
-                        RunKey(
-                            arch=args.arch,
-                            mask=mask,
-                            sparsity=sparsity,
-                            seed=seed,
-                            variant=variant,
-                            epochs=args.epochs,
-                            eval=args.eval_on,
-                            val_split=args.val_split,
-                            subset=args.subset,
-                            overrides=overrides,
+        for arch in args.arch or ["resnet20"]:
+            for mask in args.masks:
+                for seed in args.seeds:
+                    for variant in variants:
+                        if (
+                            variant in ABLATION_VARIANTS
+                            and not args.variants
+                            and not math.isclose(sparsity, ABLATION_SPARSITY)
+                        ):
+                            continue
+                        keys.append(
+                            RunKey(
+                                arch=arch,
+                                mask=mask,
+                                sparsity=sparsity,
+                                seed=seed,
+                                variant=variant,
+                                epochs=args.epochs,
+                                eval=args.eval_on,
+                                val_split=args.val_split,
+                                subset=args.subset,
+                                overrides=overrides,
+                            )
                         )
-                    )
     return keys
 
 
@@ -504,6 +509,9 @@ def run_grid(args: argparse.Namespace) -> int:
             print(f"  {'done ' if key.id in done else 'todo '} {key.id} {key.label()}")
         return 0
     started = time.perf_counter()
+    # The files written between runs are the whole report, the one ``--report`` writes, whatever subset this grid runs.
+    whole = {"arch": None, "masks": list(MASKS), "sparsities": list(SPARSITIES)}
+    report_args = argparse.Namespace(**{**vars(args), **whole})
     jobs = [(k.to_dict(), str(out), str(args.data), args.device, args.threads) for k in todo]
     failed = 0
 
@@ -521,7 +529,7 @@ def run_grid(args: argparse.Namespace) -> int:
             except Exception as error:  # noqa: BLE001 - one bad run must not stop the grid
                 message = failure(job, error)
             print(f"[{i}/{len(jobs)}] {message}", flush=True)
-            write_report(out, args)
+            write_report(out, report_args)
     else:
         import concurrent.futures as cf
         import multiprocessing as mp
@@ -534,9 +542,9 @@ def run_grid(args: argparse.Namespace) -> int:
                 except Exception as error:  # noqa: BLE001
                     message = failure(futures[future], error)
                 print(f"[{i}/{len(jobs)}] {message}", flush=True)
-                write_report(out, args)
+                write_report(out, report_args)
     print(f"finished {len(jobs)} run(s), {failed} failed, in {time.perf_counter() - started:.0f} s", flush=True)
-    write_report(out, args)
+    write_report(out, report_args)
     return 0
 
 
@@ -558,8 +566,10 @@ def _pct(mean: float | None, std: float | None, n: int, *, signed: bool = False)
     return text
 
 
-def _select(records: list[dict[str, Any]], args: argparse.Namespace, **fixed: Any) -> dict[tuple, dict[str, Any]]:
-    """Latest record per (mask, sparsity, seed, variant, overrides) matching the report's protocol.
+def _select(
+    records: list[dict[str, Any]], args: argparse.Namespace, arch: str, **fixed: Any
+) -> dict[tuple, dict[str, Any]]:
+    """Latest record of ``arch`` per (mask, sparsity, seed, variant, overrides) matching the report's protocol.
 
     A record counts under every variant name whose Recipe it trained with (see :func:`labels_of`).
     """
@@ -567,7 +577,7 @@ def _select(records: list[dict[str, Any]], args: argparse.Namespace, **fixed: An
     for record in records:
         key = record["key"]
         if (
-            key["arch"] != args.arch
+            key["arch"] != arch
             or key["epochs"] != args.epochs
             or key.get("subset") != args.subset
             or not math.isclose(key.get("val_split", 0.1), args.val_split)
@@ -643,12 +653,32 @@ def _candidates(val: dict[tuple, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def build_report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    records = read_results(out / "accuracy.jsonl")
-    test = _select(records, args, eval="test")
+def _arch_order(records: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """The architectures to report: those asked for, else every one with a record, in ``ARCHITECTURES`` order."""
+    if args.arch:
+        return list(args.arch)
+    seen = {r["key"]["arch"] for r in records}
+    return [a for a in cifar.ARCHITECTURES if a in seen] + sorted(seen - set(cifar.ARCHITECTURES))
+
+
+def _pooled(rows: list[dict[str, Any]]) -> tuple[list[str], list[float]]:
+    """The masks of ``main`` rows with a pair, and every (mask, seed) gain of them."""
+    rows = [r for r in rows if r["paired"]]
+    gains = [
+        r["per_seed"]["tost"][seed] - r["per_seed"]["baseline"][seed]
+        for r in rows
+        for seed in sorted(set(r["per_seed"]["tost"]) & set(r["per_seed"]["baseline"]))
+    ]
+    return [r["mask"] for r in rows], gains
+
+
+def build_arch_report(records: list[dict[str, Any]], arch: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One architecture's tables: main grid, pooled over masks, ablation, validation, tuned settings."""
+    test = _select(records, args, arch, eval="test")
     report: dict[str, Any] = {
         "protocol": {
-            "arch": args.arch,
+            "arch": arch,
+            "description": cifar.DESCRIPTIONS.get(arch, arch),
             "epochs": args.epochs,
             "val_split": args.val_split,
             "subset": args.subset,
@@ -681,16 +711,11 @@ def build_report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
     for sparsity in sparsities:
-        rows = [r for r in report["main"] if r["sparsity"] == sparsity and r["paired"]]
-        gains = [
-            r["per_seed"]["tost"][seed] - r["per_seed"]["baseline"][seed]
-            for r in rows
-            for seed in sorted(set(r["per_seed"]["tost"]) & set(r["per_seed"]["baseline"]))
-        ]
+        pooled_masks, gains = _pooled([r for r in report["main"] if r["sparsity"] == sparsity])
         report["pooled"].append(
             {
                 "sparsity": sparsity,
-                "masks": [r["mask"] for r in rows],
+                "masks": pooled_masks,
                 "pairs": len(gains),
                 "gain": dict(zip(("mean", "std"), _mean_std(gains))),
                 "verdict": _verdict(gains),
@@ -715,7 +740,7 @@ def build_report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             )
     # Every run trains on the same split and records its validation accuracy, so test-grid runs
     # count here too: this table (never x_test) is what the defaults are chosen from.
-    val = _select(records, args)
+    val = _select(records, args, arch)
     groups = sorted({(k[0], k[1], k[3], k[4]) for k in val})
     for mask, sparsity, variant, overrides in groups:
         values = _cell(val, mask, sparsity, variant, "val_acc", overrides)
@@ -734,40 +759,85 @@ def build_report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     report["candidates"] = _candidates(val)
-    walls = [r["wall_s"] for r in records]
+    return report
+
+
+def _across(sections: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per sparsity, every (architecture, mask, seed) pair of the main grids pooled."""
+    rows = []
+    for sparsity in sorted({r["sparsity"] for s in sections for r in s["main"]}):
+        gains: list[float] = []
+        archs = []
+        for section in sections:
+            _, arch_gains = _pooled([r for r in section["main"] if r["sparsity"] == sparsity])
+            if arch_gains:
+                archs.append(section["protocol"]["arch"])
+                gains += arch_gains
+        rows.append(
+            {
+                "sparsity": sparsity,
+                "archs": archs,
+                "pairs": len(gains),
+                "gain": dict(zip(("mean", "std"), _mean_std(gains))),
+                "verdict": _verdict(gains),
+            }
+        )
+    return rows
+
+
+def _budget(records: list[dict[str, Any]]) -> dict[str, Any]:
     by_device: dict[str, float] = {}
     for r in records:
         label = r.get("gpu") or f"{r['device']} x{r['threads']} thread(s): {r.get('cpu', '?')}"
         by_device[label] = by_device.get(label, 0.0) + r["wall_s"]
+    per_arch: dict[str, dict[str, Any]] = {}
+    for arch in dict.fromkeys(r["key"]["arch"] for r in records):
+        mine = [r for r in records if r["key"]["arch"] == arch]
+        cpu = [r for r in mine if r["key"]["subset"] is None and r["device"] == "cpu"]
+        per_arch[arch] = {
+            "runs": len(mine),
+            "median_cpu_epoch_s": round(statistics.median(r["train_s"] / r["key"]["epochs"] for r in cpu), 2)
+            if cpu
+            else None,
+            "median_cpu_wall_s": round(statistics.median(r["wall_s"] for r in cpu), 1) if cpu else None,
+        }
     train_s = [
         r["train_s"] / r["key"]["epochs"] for r in records if r["key"]["subset"] is None and r["device"] == "cpu"
     ]
-    report["budget"] = {
+    return {
         "runs": len(records),
-        "wall_s_total": round(sum(walls), 1),
+        "wall_s_total": round(sum(r["wall_s"] for r in records), 1),
         "wall_s_by_machine": {k: round(v, 1) for k, v in by_device.items()},
         "median_cpu_epoch_s": round(statistics.median(train_s), 2) if train_s else None,
+        "per_arch": per_arch,
         "commits": sorted({str(r.get("commit")) for r in records}),
     }
-    return report
 
 
-def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
-    p = report["protocol"]
+def build_report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Every architecture's tables, the pairs of all of them pooled, and the budget."""
+    records = read_results(out / "accuracy.jsonl")
+    sections = [build_arch_report(records, arch, args) for arch in _arch_order(records, args)]
+    return {"architectures": sections, "across": _across(sections), "budget": _budget(records)}
+
+
+def render_arch_markdown(section: dict[str, Any]) -> list[str]:
+    """One architecture's part of ``accuracy.md``."""
+    p = section["protocol"]
     lines = [
-        "# Accuracy: default protocol (masks only) vs ToST",
+        f"## `{p['arch']}`: {p['description']}",
         "",
         f"{p['arch']}, {p['epochs']} epochs, {p['data']} (val split {p['val_split']}"
         + (f", subset {p['subset']}" if p["subset"] else "")
         + "). Test accuracy in %, mean ± sample std over seeds; gain = ToST - default, paired by seed"
         " (same mask, same initial weights, same batches). `pending`: not run yet.",
         "",
-        "## Main grid",
+        "### Main grid",
         "",
         "| mask | sparsity | default (baseline) | ToST | gain | seeds | ToST beats default? |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for row in report["main"]:
+    for row in section["main"]:
         lines.append(
             f"| {row['mask']} | {row['sparsity']:.2f} "
             f"| {_pct(row['baseline']['mean'], row['baseline']['std'], len(row['seeds_baseline']))} "
@@ -786,29 +856,30 @@ def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
         *(
             f"| {row['sparsity']:.2f} | {', '.join(row['masks']) or '-'} | {row['pairs']} "
             f"| {_pct(row['gain']['mean'], row['gain']['std'], row['pairs'], signed=True)} | {row['verdict']} |"
-            for row in report["pooled"]
+            for row in section["pooled"]
         ),
-        "",
-        f"## Ablation at sparsity {ABLATION_SPARSITY}",
-        "",
-        "`only_X`: the default protocol plus technique X alone (with the recipe's settings);"
-        " `no_X`: the full recipe without X. Gain vs the default protocol, paired by seed.",
-        "",
-        "| mask | variant | test acc | gain vs default | seeds |",
-        "| --- | --- | ---: | ---: | ---: |",
     ]
-    if not report["ablation"]:
-        lines.append("| - | no ablation run yet | | | |")
-    for row in report["ablation"]:
+    if section["ablation"]:
+        lines += [
+            "",
+            f"### Ablation at sparsity {ABLATION_SPARSITY}",
+            "",
+            "`only_X`: the default protocol plus technique X alone (with the recipe's settings);"
+            " `no_X`: the full recipe without X. Gain vs the default protocol, paired by seed.",
+            "",
+            "| mask | variant | test acc | gain vs default | seeds |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+    for row in section["ablation"]:
         gain = "" if row["variant"] == "baseline" else _pct(row["gain"]["mean"], row["gain"]["std"], 0, signed=True)
         lines.append(
             f"| {row['mask']} | {row['variant']} | {_pct(row['acc']['mean'], row['acc']['std'], len(row['seeds']))} "
             f"| {gain} | {len(row['seeds'])} |"
         )
-    if report["tuning"]:
+    if section["tuning"]:
         lines += [
             "",
-            "## Validation accuracy of every recipe run (held-out 10% of x_train, never x_test)",
+            "### Validation accuracy of every recipe run (held-out 10% of x_train, never x_test)",
             "",
             "What the defaults are chosen from: every run, of the test grid or a tuning run, trains on the same"
             " split and records its validation accuracy. Gain vs the default protocol, paired by seed.",
@@ -816,7 +887,7 @@ def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
             "| mask | sparsity | variant | overrides | val acc | gain vs default | seeds | better than default? |",
             "| --- | ---: | --- | --- | ---: | ---: | ---: | --- |",
         ]
-        for row in report["tuning"]:
+        for row in section["tuning"]:
             overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "-"
             is_default = row["variant"] == "baseline" and overrides == "-"
             gain = "" if is_default else _pct(row["gain"]["mean"], row["gain"]["std"], 0, signed=True)
@@ -825,10 +896,10 @@ def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
                 f"| {_pct(row['val_acc']['mean'], row['val_acc']['std'], len(row['seeds']))} "
                 f"| {gain} | {len(row['seeds'])} | {row.get('verdict', '')} |"
             )
-    if report["candidates"]:
+    if section["candidates"]:
         lines += [
             "",
-            "## Tuned settings against today's `Recipe.tost` (validation, pooled over masks)",
+            "### Tuned settings against today's `Recipe.tost` (validation, pooled over masks)",
             "",
             "Each row: ToST with the overrides, minus ToST with today's defaults, paired by (mask, seed) on the"
             " validation split; and its gain over the default protocol, paired by (mask, seed) the same way.",
@@ -837,7 +908,7 @@ def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
             " | better than today's ToST? |",
             "| ---: | --- | ---: | ---: | --- | ---: | --- |",
         ]
-        for row in report["candidates"]:
+        for row in section["candidates"]:
             overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items())
             per_mask = " / ".join(f"{m} {100 * d:+.2f}" for m, d in row["vs_tost_per_mask"].items())
             lines.append(
@@ -846,6 +917,27 @@ def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
                 f"| {_pct(row['vs_baseline']['mean'], row['vs_baseline']['std'], 0, signed=True)} "
                 f"| {row['verdict']} |"
             )
+    return lines + [""]
+
+
+def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = ["# Accuracy: default protocol (masks only) vs ToST", ""]
+    for section in report["architectures"]:
+        lines += render_arch_markdown(section)
+    lines += [
+        "## Across architectures",
+        "",
+        "Pooled over architectures and masks: every (architecture, mask, seed) pair of the main grids at a"
+        " sparsity, test accuracy. The spread mixes seed noise with real differences between networks.",
+        "",
+        "| sparsity | architectures | pairs | gain | ToST beats default? |",
+        "| ---: | --- | ---: | ---: | --- |",
+        *(
+            f"| {row['sparsity']:.2f} | {', '.join(row['archs']) or '-'} | {row['pairs']} "
+            f"| {_pct(row['gain']['mean'], row['gain']['std'], row['pairs'], signed=True)} | {row['verdict']} |"
+            for row in report["across"]
+        ),
+    ]
     b = report["budget"]
     lines += [
         "",
@@ -859,6 +951,13 @@ def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
     lines += [f"- {machine_name}: {seconds / 3600:.2f} h" for machine_name, seconds in b["wall_s_by_machine"].items()]
     lines += [
         "",
+        "| architecture | runs | median s per epoch (CPU) | median wall s per run (CPU) |",
+        "| --- | ---: | ---: | ---: |",
+        *(
+            f"| {arch} | {a['runs']} | {a['median_cpu_epoch_s'] or '-'} | {a['median_cpu_wall_s'] or '-'} |"
+            for arch, a in b["per_arch"].items()
+        ),
+        "",
         "Regenerate this file, `accuracy.json` and `accuracy.png` from `accuracy.jsonl`:",
         "",
         "```bash",
@@ -871,6 +970,8 @@ def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
 
 def _report_flags(args: argparse.Namespace) -> str:
     flags = ""
+    if args.arch:
+        flags += " --arch " + " ".join(args.arch)
     if args.epochs != 20:
         flags += f" --epochs {args.epochs}"
     if args.subset is not None:
@@ -881,7 +982,9 @@ def _report_flags(args: argparse.Namespace) -> str:
 
 
 def render_plot(report: dict[str, Any], path: Path) -> bool:
-    """Accuracy vs sparsity, a solid (ToST) and a dashed (default) line per mask. False without matplotlib."""
+    """Accuracy vs sparsity, one panel per architecture: a solid (ToST) and a dashed (default) line per mask.
+
+    False without matplotlib."""
     try:
         import matplotlib
 
@@ -890,12 +993,28 @@ def render_plot(report: dict[str, Any], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    masks = list(dict.fromkeys(row["mask"] for row in report["main"]))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    sections = report["architectures"] or [{"protocol": {"arch": "-", "epochs": 0}, "main": []}]
+    columns = min(3, len(sections))
+    rows = math.ceil(len(sections) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 4.4 * rows), squeeze=False)
+    for ax, section in zip(axes.flat, sections):
+        _plot_arch(ax, section, plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for ax in list(axes.flat)[len(sections) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    tmp = path.with_suffix(".png.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def _plot_arch(ax: Any, section: dict[str, Any], colors: list[str]) -> None:
+    main = section["main"]
+    masks = list(dict.fromkeys(row["mask"] for row in main))
     for i, mask in enumerate(masks):
         for j, (variant, style, marker) in enumerate((("baseline", "--", "o"), ("tost", "-", "s"))):
-            rows = [r for r in report["main"] if r["mask"] == mask and r[variant]["mean"] is not None]
+            rows = [r for r in main if r["mask"] == mask and r[variant]["mean"] is not None]
             if not rows:
                 continue
             dodge = 0.0012 * (2 * i + j - len(masks))  # keep error bars at one sparsity apart
@@ -909,8 +1028,8 @@ def render_plot(report: dict[str, Any], path: Path) -> bool:
                 capsize=3,
                 label=f"{mask} {'ToST' if variant == 'tost' else 'default'}",
             )
-    p = report["protocol"]
-    ticks = sorted({r["sparsity"] for r in report["main"]})
+    p = section["protocol"]
+    ticks = sorted({r["sparsity"] for r in main})
     if ticks:
         ax.set_xticks(ticks)
         ax.set_xlim(ticks[0] - 0.01, ticks[-1] + 0.01)
@@ -920,12 +1039,6 @@ def render_plot(report: dict[str, Any], path: Path) -> bool:
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".png.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -954,7 +1067,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--masks", nargs="+", choices=MASKS + EXTRA_MASKS, default=list(MASKS))
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--arch", choices=sorted(cifar.ARCHITECTURES), default="resnet20")
+    parser.add_argument(
+        "--arch",
+        nargs="+",
+        choices=list(cifar.ARCHITECTURES),
+        default=None,
+        help="architectures to run (default resnet20) or to report (default: every one with a record)",
+    )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument(
         "--eval-on", choices=("test", "val"), default="test", help="test: the reported grid; val: tuning"

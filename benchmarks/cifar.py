@@ -1,4 +1,4 @@
-"""CIFAR-10 pieces shared by the accuracy benchmark: ResNet-20, tensor data and augmentation, training.
+"""CIFAR-10 pieces shared by the accuracy benchmark: the networks, tensor data and augmentation, training.
 
 Everything runs on tensors (no DataLoader, no worker processes): the whole subset fits in
 memory, and batches, flips and crops come from one seeded ``torch.Generator`` on the CPU, so
@@ -25,6 +25,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+import cifar_models  # noqa: E402
 from cifar_models import BasicBlock  # noqa: E402  (1x1 conv-BN shortcuts: the prototype's "option B" block)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
@@ -72,7 +73,42 @@ def resnet20(num_classes: int = 10) -> ResNetCifar:
     return ResNetCifar(3, num_classes)
 
 
-ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {"resnet20": resnet20}
+def resnet32(num_classes: int = 10) -> ResNetCifar:
+    """CIFAR ResNet-32: 5 of the same BasicBlocks per stage, 0.47M parameters."""
+    return ResNetCifar(5, num_classes)
+
+
+def vgg16_half(num_classes: int = 10) -> nn.Module:
+    """VGG-16 with BatchNorm at half width (32 to 256 channels), 3.7M parameters."""
+    config = tuple(item if item == "M" else item // 2 for item in cifar_models.VGG16)
+    return cifar_models.VGG(num_classes, config)
+
+
+def mobilenetv2_quarter(num_classes: int = 10) -> nn.Module:
+    """MobileNetV2 at width 0.25 (a 1280-channel head), 0.25M parameters."""
+    return cifar_models.MobileNetV2(num_classes, width=0.25)
+
+
+def preact_resnet18_quarter(num_classes: int = 10) -> nn.Module:
+    """PreAct ResNet-18 at quarter width (16-32-64-128 channels), 0.70M parameters."""
+    return cifar_models.PreActResNet(width=16, num_classes=num_classes)
+
+
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "vgg16_x0.5": vgg16_half,
+    "mobilenetv2_x0.25": mobilenetv2_quarter,
+    "preact_resnet18_x0.25": preact_resnet18_quarter,
+}
+"""The benchmark's networks; ``_x<w>`` is a width multiplier that fits a run into about 15 CPU-minutes."""
+DESCRIPTIONS = {
+    "resnet20": "CIFAR ResNet-20 (16-32-64 channels, 1x1 conv-BN shortcuts, 0.27M parameters)",
+    "resnet32": "CIFAR ResNet-32 (the same blocks, 5 per stage, 0.47M parameters)",
+    "vgg16_x0.5": "VGG-16 with BatchNorm at half width (32-64-128-256-256 channels, 3.7M parameters)",
+    "mobilenetv2_x0.25": "MobileNetV2 at width 0.25 (8 to 80 channels, a 1280-channel head, 0.25M parameters)",
+    "preact_resnet18_x0.25": "PreAct ResNet-18 at quarter width (16-32-64-128 channels, 0.70M parameters)",
+}
 
 
 # --------------------------------------------------------------------------- data

@@ -1,4 +1,5 @@
-"""The paper's CIFAR architectures, for 32x32 inputs: CIFAR ResNet-20/32/56, ResNet-18, VGG-16, MobileNetV2.
+"""The paper's CIFAR architectures, for 32x32 inputs: CIFAR ResNet-20/32/56, ResNet-18, VGG-16, MobileNetV2,
+and PreAct ResNet-18 (pre-activation blocks, whose last conv feeds the residual addition).
 
 model = create_model("resnet20", num_classes=10)
 model = create_model("timm:resnet18", num_classes=100)    # any timm model, randomly initialized
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARCHITECTURES = ("resnet20", "resnet32", "resnet56", "resnet18", "vgg16", "mobilenetv2")
+ARCHITECTURES = ("resnet20", "resnet32", "resnet56", "resnet18", "preact_resnet18", "vgg16", "mobilenetv2")
 
 
 # --------------------------------------------------------------------------- CIFAR ResNet (He et al., 2016)
@@ -109,6 +110,63 @@ class ResNet18(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+# --------------------------------------------------------------------------- pre-activation ResNet (He et al., 2016b)
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3, BN-ReLU-conv3x3, plus the shortcut ("Identity Mappings in Deep Residual Networks").
+
+    The shortcut is the identity, or a 1x1 conv of the pre-activated input where the shape changes.
+    No norm follows the second conv (nor the shortcut conv): their outputs meet in the addition.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet for 32x32 inputs: a 3x3 stem, stages of :class:`PreActBlock`, BN-ReLU, pool, head.
+
+    ``blocks=(2, 2, 2, 2)`` with ``width=64`` (64-128-256-512 channels) is PreAct ResNet-18;
+    ``width`` scales every stage (``width=16``: 16-32-64-128 channels, 1/16 of the multiply-adds).
+    """
+
+    def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), width: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        stages, c_in = [], width
+        for index, count in enumerate(blocks):
+            c_out = width * 2**index
+            stride = 1 if index == 0 else 2
+            stages.append(nn.Sequential(*(PreActBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+                                          for i in range(count))))
+            c_in = c_out
+        self.layers = nn.Sequential(*stages)
+        self.bn = nn.BatchNorm2d(c_in)
+        self.fc = nn.Linear(c_in, num_classes)
+        for module in self.modules():  # He init for the convs, as the CIFAR ResNets
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.layers(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 # --------------------------------------------------------------------------- VGG-16 with BatchNorm, CIFAR variant
 
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -170,22 +228,35 @@ class InvertedResidual(nn.Module):
         return out + x if self.has_residual else out
 
 
-class MobileNetV2(nn.Module):
-    """MobileNetV2 (Sandler et al., 2018) for 32x32 inputs, with ReLU activations."""
+def _divisible_by_8(channels: float) -> int:
+    """torchvision's ``_make_divisible(channels, 8)``: the nearest multiple of 8, at least 8, never 10% below."""
+    rounded = max(8, int(channels + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * channels else rounded
 
-    def __init__(self, num_classes: int = 10) -> None:
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al., 2018) for 32x32 inputs, with ReLU activations.
+
+    ``width`` is the paper's width multiplier: every channel count times ``width``, rounded to a
+    multiple of 8 as torchvision does; the 1280-channel head is not narrowed below 1280.
+    """
+
+    def __init__(self, num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
-        blocks, c_in = [], 32
-        for expansion, c_out, count, stride in MOBILENETV2:
+        c_in = _divisible_by_8(32 * width)
+        self.conv1 = nn.Conv2d(3, c_in, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_in)
+        blocks = []
+        for expansion, channels, count, stride in MOBILENETV2:
+            c_out = _divisible_by_8(channels * width)
             for index in range(count):
                 blocks.append(InvertedResidual(c_in, c_out, expansion, stride if index == 0 else 1))
                 c_in = c_out
         self.layers = nn.Sequential(*blocks)
-        self.conv2 = nn.Conv2d(320, 1280, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(1280)
-        self.fc = nn.Linear(1280, num_classes)
+        head = _divisible_by_8(1280 * max(1.0, width))
+        self.conv2 = nn.Conv2d(c_in, head, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(head)
+        self.fc = nn.Linear(head, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -201,7 +272,7 @@ def create_model(arch: str, num_classes: int) -> nn.Module:
         return timm.create_model(arch.removeprefix("timm:"), pretrained=False, num_classes=num_classes)
     if arch in ("resnet20", "resnet32", "resnet56"):
         return CifarResNet(int(arch.removeprefix("resnet")), num_classes)
-    builders = {"resnet18": ResNet18, "vgg16": VGG, "mobilenetv2": MobileNetV2}
+    builders = {"resnet18": ResNet18, "preact_resnet18": PreActResNet, "vgg16": VGG, "mobilenetv2": MobileNetV2}
     if arch not in builders:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)} or timm:NAME")
     return builders[arch](num_classes=num_classes)

@@ -34,6 +34,27 @@ class TinyNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class PreActNet(nn.Module):
+    """Two pre-activation blocks (BN-ReLU before each conv): an identity skip, then a 1x1 conv shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1, self.conv2 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2, self.conv3 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn3, self.conv4 = nn.BatchNorm2d(8), nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn4, self.conv5 = nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(8, 16, 1, stride=2, bias=False)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)  # the stem: read by the first block's norm and by its identity skip
+        x = x + self.conv3(F.relu(self.bn2(self.conv2(F.relu(self.bn1(x))))))
+        pre = F.relu(self.bn3(x))
+        x = torch.add(self.shortcut(pre), self.conv5(F.relu(self.bn4(self.conv4(pre)))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 def bernoulli_mask(model: nn.Module, density: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random mask over conv and linear weights that keeps >= 1 weight per layer."""
     generator = torch.Generator().manual_seed(seed)

@@ -57,15 +57,77 @@ def test_accuracy_smoke(tmp_path: Path) -> None:
     assert header in markdown
     row = next(line for line in markdown.splitlines() if line.startswith("| erk | 0.90 |"))
     assert "pending" not in row and row.count("|") == header.count("|")
-    assert "## Ablation at sparsity 0.98" in markdown and "## Budget" in markdown
+    assert "## `resnet20`: CIFAR ResNet-20" in markdown and "## Budget" in markdown
+    assert "Ablation" not in markdown  # no ablation run: no section
     report = json.loads((tmp_path / "accuracy.json").read_text())
-    main = next(r for r in report["main"] if r["mask"] == "erk" and r["sparsity"] == 0.9)
+    (section,) = report["architectures"]
+    main = next(r for r in section["main"] if r["mask"] == "erk" and r["sparsity"] == 0.9)
     assert main["paired"] == 1 and set(main) >= {"baseline", "tost", "gain", "verdict"}
-    (pooled,) = report["pooled"]
+    (pooled,) = section["pooled"]
     assert pooled["pairs"] == 1 and pooled["gain"]["mean"] == pytest.approx(main["gain"]["mean"])
     assert "| sparsity | masks | pairs | gain | ToST beats default? |" in markdown
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+SMOKE_ARCHS = ("resnet32", "preact_resnet18_x0.25")
+"""Two of the new architectures end to end (every one is built and prepared in the scope test below)."""
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"the CIFAR-10 subset is not at {DATA}")
+def test_accuracy_smoke_on_two_architectures(tmp_path: Path) -> None:
+    common = ["--epochs", "1", "--subset", "64", "--masks", "erk", "--sparsities", "0.9", "--seeds", "0",
+              "--out", str(tmp_path)]  # fmt: skip
+    output = run("accuracy.py", "--grid", "main", "--arch", *SMOKE_ARCHS, *common, timeout=300)
+    assert "4 to run now" in output, output
+    scope = "rescale_scope=unnormalized_nonresidual"
+    run("accuracy.py", "--variants", "tost", "--eval-on", "val", "--set", scope,
+        "--arch", "preact_resnet18_x0.25", *common, timeout=300)  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "accuracy.jsonl").read_text().splitlines()]
+    assert sorted({r["key"]["arch"] for r in records}) == sorted(SMOKE_ARCHS)
+    assert len({r["id"] for r in records}) == 5 and all(r["masked_nonzero"] == 0 for r in records)
+    for arch in SMOKE_ARCHS:  # both protocols of an architecture start from one mask and one init
+        mine = [r for r in records if r["key"]["arch"] == arch]
+        assert len({r["mask_sha"] for r in mine}) == 1 and len({r["init_sha"] for r in mine}) == 1, arch
+
+    run("accuracy.py", "--report", *common)
+    report = json.loads((tmp_path / "accuracy.json").read_text())
+    assert [s["protocol"]["arch"] for s in report["architectures"]] == list(SMOKE_ARCHS)  # ARCHITECTURES order
+    for section in report["architectures"]:
+        (row,) = section["main"]
+        assert row["paired"] == 1, section["protocol"]["arch"]
+    (across,) = report["across"]
+    assert across["pairs"] == 2 and across["archs"] == list(SMOKE_ARCHS)
+    preact = report["architectures"][-1]
+    (candidate,) = preact["candidates"]
+    assert candidate["overrides"] == {"rescale_scope": "unnormalized_nonresidual"} and candidate["pairs"] == 1
+    markdown = (tmp_path / "accuracy.md").read_text()
+    for arch in SMOKE_ARCHS:
+        assert f"## `{arch}`: " in markdown
+    assert "| 0.90 | resnet32, preact_resnet18_x0.25 | 2 |" in markdown
+    assert "| preact_resnet18_x0.25 | 3 |" in markdown  # the budget's row: 3 runs
+
+
+def test_the_nonresidual_scope_changes_only_the_pre_activation_network() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import cifar
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import tost_surgery as tost
+
+    changed = []
+    for arch, build in cifar.ARCHITECTURES.items():
+        rescaled = {}
+        for scope in ("unnormalized", "unnormalized_nonresidual"):
+            model = build()
+            recipe = tost.Recipe.tost(total_steps=10, rescale_scope=scope)
+            tost.prepare(model, tost.masks.erk(model, 0.98, seed=0), recipe)
+            rescaled[scope] = set(model.tost.surgery.decided.rescaled)
+        if rescaled["unnormalized"] != rescaled["unnormalized_nonresidual"]:
+            changed.append(arch)
+            assert rescaled["unnormalized_nonresidual"] == {"conv1.weight", "fc.weight"}  # the stem and the head
+    assert changed == ["preact_resnet18_x0.25"]
 
 
 def test_overhead_smoke(tmp_path: Path) -> None:

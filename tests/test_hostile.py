@@ -163,7 +163,7 @@ recipes = st.builds(
     ghost_skips=often,
     skip_branch=st.sampled_from(["conv_bn", "auto"]),
     rescale_init=st.booleans(),
-    rescale_scope=st.sampled_from(["all", "unnormalized"]),
+    rescale_scope=st.sampled_from(["all", "unnormalized", "unnormalized_nonresidual"]),
 )
 
 OPTIMIZERS: dict[str, Callable] = {

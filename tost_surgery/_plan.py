@@ -18,8 +18,13 @@ from torch.nn.utils import parametrize
 
 from ._recipe import Recipe
 from ._report import Report, report
-from ._surgery import prepare
+from ._rescale import residual_branch_ends
+from ._surgery import Surgery, prepare
 from ._techniques import TECHNIQUES
+
+LARGE_BRANCH_FACTOR = 2.0
+"""A fan-in rescale factor at least this large, on a layer that ends a residual branch, gets advice:
+it doubles (or more) the branch's output scale against the masked initialization."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class Plan:
     input_size: tuple[int, ...] | None = None
     macs: dict[str, int] | None = None
     notes: tuple[str, ...] = field(default=())
+    advice: tuple[str, ...] = field(default=())
+    """Where the recipe's settings are outside what was measured to help for this kind of network."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for ``--json``."""
@@ -54,6 +61,7 @@ class Plan:
             "input_size": list(self.input_size) if self.input_size else None,
             "macs": self.macs,
             "notes": list(self.notes),
+            "advice": list(self.advice),
             "layers": self.layers.to_dict(),
         }
 
@@ -82,6 +90,8 @@ class Plan:
         parts: list[Any] = [summary]
         if self.notes:
             parts.append(Text("\n".join(f"note: {note}" for note in self.notes), style="yellow"))
+        if self.advice:
+            parts.append(Text("\n".join(f"advice: {line}" for line in self.advice), style="cyan"))
         parts += [sites, self.layers]
         return Group(*parts)
 
@@ -113,12 +123,14 @@ def plan(
     try:
         trial = prepare(copy.deepcopy(model), mask, recipe, leaf_modules=leaf_modules)
         recipe = trial.tost.surgery.decided.recipe  # None: prepare's default
-        runner = trial.tost.surgery.runner
+        surgery = trial.tost.surgery
+        runner = surgery.runner
         sites = runner.sites()
         scaffold_params = sum(p.numel() for p in trial.tost.parameters())
         model_params = sum(p.numel() for n, p in trial.named_parameters() if not n.startswith("tost."))
         macs = _count_macs(trial, tuple(input_size)) if input_size else None
         layers = report(trial)
+        advice = rescale_advice(surgery)
     finally:
         torch.set_rng_state(rng)
     return Plan(
@@ -131,6 +143,37 @@ def plan(
         input_size=tuple(input_size) if input_size else None,
         macs=macs,
         notes=tuple(runner.notes),
+        advice=advice,
+    )
+
+
+def rescale_advice(surgery: Surgery) -> tuple[str, ...]:
+    """Advice when fan-in rescaling scales up layers that end a residual branch (no norm after them).
+
+    Example:
+        >>> rescale_advice(prepare(preact_resnet, mask, Recipe.tost(1000)).tost.surgery)
+        ("rescaled init multiplies 12 layers that end a residual branch by 2x or more (...) ...",)
+    """
+    variant, rescaled = surgery.runner.default_variant, surgery.decided.rescaled
+    if variant is None or not rescaled:
+        return ()
+    ends = residual_branch_ends(variant.pristine[True], surgery.runner.context.modules)
+    module_of = {entry.name: entry.module_name for entry in surgery.decided.entries}
+    large = sorted(
+        ((factor, module_of[name]) for name, factor in rescaled.items()
+         if module_of.get(name) in ends and factor >= LARGE_BRANCH_FACTOR),
+        reverse=True,
+    )  # fmt: skip
+    if not large:
+        return ()
+    listed = ", ".join(f"{name} {factor:.1f}x" for factor, name in large[:4]) + (", ..." if len(large) > 4 else "")
+    return (
+        f"rescaled init multiplies {len(large)} layer(s) that end a residual branch by "
+        f"{LARGE_BRANCH_FACTOR:g}x or more ({listed}). No norm follows them (a pre-activation block), so this "
+        "restores the dense branch's variance and undoes the near-identity start of a sparse residual network; "
+        "the recipe's rescaling was measured to help where every branch ends in a norm "
+        "(benchmarks/RESULTS.md, section 1).\n"
+        "Hint: Recipe.tost(..., rescale_scope='unnormalized_nonresidual') rescales all but those layers.",
     )
 
 

@@ -15,7 +15,7 @@ SoftActivation = Literal["silu", "mish", "softplus", "gelu"]
 AnnealShape = Literal["linear", "cosine"]
 SkipBranch = Literal["conv_bn", "auto"]
 RescaleRule = Literal["fan_in", "layer", "gradinit"]
-RescaleScope = Literal["all", "unnormalized"]
+RescaleScope = Literal["all", "unnormalized", "unnormalized_nonresidual"]
 LabelSchedule = Literal["constant", "anneal"]
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -26,7 +26,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "anneal": ("linear", "cosine"),
     "skip_branch": ("conv_bn", "auto"),
     "rescale_rule": ("fan_in", "layer", "gradinit"),
-    "rescale_scope": ("all", "unnormalized"),
+    "rescale_scope": ("all", "unnormalized", "unnormalized_nonresidual"),
     "label_schedule": ("constant", "anneal"),
 }
 
@@ -85,7 +85,10 @@ class Recipe:
     ``gradinit``: one learned scale per layer, from :func:`tost_surgery.init.gradinit` called after
     ``prepare`` (which then applies none; ``step`` warns until it has run)."""
     rescale_scope: RescaleScope = "unnormalized"
-    """``all`` masked conv/linear layers, or only those whose output feeds no normalization."""
+    """``all`` masked conv/linear layers, or only those whose output feeds no normalization
+    (``unnormalized``), or only those that also do not end a residual branch, i.e. feed no
+    addition with a skip path (``unnormalized_nonresidual``; in a pre-activation ResNet the last
+    conv of each block and the shortcut convs feed the sum with no norm between)."""
 
     label_smoothing: float = 0.0
     """Label smoothing for the loss, read through ``tost_surgery.label_smoothing(model)``."""

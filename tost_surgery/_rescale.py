@@ -3,28 +3,62 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 import torch
+from torch import fx, nn
 
 from ._checks import LAYER_TYPES
+from ._fx._patterns import feeds_normalization, feeds_residual_addition
 from ._masking import MaskEntry
-from ._recipe import Recipe
+from ._recipe import Recipe, RescaleScope
 
 
-def rescaled_layers(entries: list[MaskEntry], recipe: Recipe, normalized: frozenset[str]) -> list[MaskEntry]:
-    """The masked conv/linear weights inside ``recipe.rescale_scope`` (``normalized``: modules feeding a norm)."""
+def _layers_where(
+    graph: fx.Graph, modules: Mapping[str, nn.Module], test: Callable[[fx.Node, Mapping[str, nn.Module]], bool]
+) -> frozenset[str]:
+    """Modules every call of which passes ``test``."""
+    calls: dict[str, list[bool]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(test(node, modules))
+    return frozenset(name for name, passed in calls.items() if all(passed))
+
+
+def residual_branch_ends(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> frozenset[str]:
+    """Modules whose output goes, with no norm between, into an addition with a skip path.
+
+    Example:
+        >>> residual_branch_ends(traced.graph, dict(model.named_modules()))  # pre-activation ResNet
+        frozenset({'layer1.0.conv2', 'layer2.0.conv2', 'layer2.0.shortcut', ...})
+    """
+    return _layers_where(graph, modules, feeds_residual_addition)
+
+
+def outside_scope(graph: fx.Graph, modules: Mapping[str, nn.Module], scope: RescaleScope) -> frozenset[str]:
+    """Modules that ``rescale_scope`` leaves alone: none for ``all``; those feeding a norm for
+    ``unnormalized``; those and the ends of residual branches for ``unnormalized_nonresidual``."""
+    if scope == "all":
+        return frozenset()
+    if scope == "unnormalized":
+        return _layers_where(graph, modules, feeds_normalization)
+    return _layers_where(graph, modules, lambda n, m: feeds_normalization(n, m) or feeds_residual_addition(n, m))
+
+
+def rescaled_layers(entries: list[MaskEntry], recipe: Recipe, outside: frozenset[str]) -> list[MaskEntry]:
+    """The masked conv/linear weights inside ``recipe.rescale_scope`` (``outside``: from :func:`outside_scope`)."""
     return [
         entry
         for entry in entries
         if entry.attr == "weight"
         and isinstance(entry.module, LAYER_TYPES)
         and entry.given.dim() >= 2
-        and not (recipe.rescale_scope == "unnormalized" and entry.module_name in normalized)
+        and entry.module_name not in outside
     ]
 
 
 def rescale_factors(
-    entries: list[MaskEntry], recipe: Recipe, normalized: frozenset[str]
+    entries: list[MaskEntry], recipe: Recipe, outside: frozenset[str]
 ) -> dict[str, torch.Tensor | float]:
     """Multipliers for the surviving weights of each masked conv/linear weight.
 
@@ -32,13 +66,13 @@ def rescale_factors(
     multiplied by ``sqrt(n / k_j)`` and its pre-activation variance is what the dense
     initialization intended. ``layer``: one factor ``sqrt(1 / density)`` per layer.
     ``gradinit``: none here (learned later by :func:`tost_surgery.init.gradinit`).
-    Layers listed in ``normalized`` (their output feeds a norm) are skipped when
-    ``recipe.rescale_scope == "unnormalized"``. Returns ``{parameter name: factor}``.
+    Layers listed in ``outside`` (out of ``recipe.rescale_scope``, see :func:`outside_scope`)
+    are skipped. Returns ``{parameter name: factor}``.
     """
     factors: dict[str, torch.Tensor | float] = {}
     if not recipe.rescale_init or recipe.rescale_rule == "gradinit":
         return factors
-    for entry in rescaled_layers(entries, recipe, normalized):
+    for entry in rescaled_layers(entries, recipe, outside):
         if recipe.rescale_rule == "layer":
             factors[entry.name] = math.sqrt(1.0 / entry.density)
             continue

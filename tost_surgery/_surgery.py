@@ -8,18 +8,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ._checks import is_prepared
 from ._errors import RecipeError, StateError, TostSurgeryError, did_you_mean, warn
 from ._fx._context import PassContext
 from ._fx._layout import CallSignature
-from ._fx._patterns import feeds_normalization
 from ._fx._tracing import FALLBACK, Tracing
 from ._masking import MaskEntry, attach_masks, detach_masks, normalize_mask, original_parameter, resolve_mask
 from ._modules import Scaffold
 from ._recipe import Recipe
-from ._rescale import rescale_factors, rescaled_layers
+from ._rescale import outside_scope, rescale_factors, rescaled_layers
 from ._runner import Runner
 from ._techniques import TECHNIQUES
 from ._write_through import plain_reads
@@ -153,7 +152,8 @@ def prepare(
     _trace_methods(model, surgery)
     context.can_add_modules = False  # later traces reuse these skips: new ones would miss the optimizer
     default = surgery.runner.default_variant
-    normalized = _normalized_layers(default.pristine[True], context.modules) if default else frozenset()
+    graph = default.pristine[True] if default else None
+    normalized = outside_scope(graph, context.modules, recipe.rescale_scope) if graph else frozenset()
     factors = rescale_factors(entries, recipe, normalized)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     scaffold.schedule.to(device)
@@ -362,15 +362,6 @@ def _check_preparable(model: object) -> None:
             f"{name} has a forward set on the instance; torch.fx traces the class's forward.\n"
             "Hint: prepare the plain model, before patching or wrapping it."
         )
-
-
-def _normalized_layers(graph: fx.Graph, modules: dict[str, nn.Module]) -> frozenset[str]:
-    """Modules every call of which feeds a normalization layer."""
-    calls: dict[str, list[bool]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(str(node.target), []).append(feeds_normalization(node, modules))
-    return frozenset(name for name, feeds in calls.items() if all(feeds))
 
 
 def _undo(model: nn.Module, entries: list[MaskEntry]) -> None:

@@ -127,3 +127,35 @@ def feeds_normalization(node: fx.Node, modules: Modules) -> bool:
             return False
         current = user
     return False
+
+
+_ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add})
+_ADD_METHODS = frozenset({"add", "add_"})
+
+
+def _is_tensor_addition(node: fx.Node) -> bool:
+    """Whether ``node`` adds two computed tensors (not a tensor and a number or a parameter)."""
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
+    operands = node.args[:2]
+    return is_add and len(operands) == 2 and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in operands)
+
+
+def feeds_residual_addition(node: fx.Node, modules: Modules) -> bool:
+    """Whether ``node``'s output reaches an addition of two tensors (a residual branch's end, or a
+    shortcut), through scale-equivariant ops only: then no norm sits between it and the sum.
+
+    Like :func:`feeds_normalization`, it follows a chain of single users: a layer whose output
+    also feeds something else (the stem of a pre-activation ResNet, read by the first block's
+    norm and its identity skip) is the trunk, not a branch, and does not count.
+    """
+    current = node
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        if _is_tensor_addition(user):
+            return True
+        if not (isinstance(module_of(user, modules), _SCALE_EQUIVARIANT_MODULES) or is_relu_site(user, modules)):
+            return False
+        current = user
+    return False
