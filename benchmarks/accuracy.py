@@ -61,13 +61,8 @@ SPARSITIES = (0.9, 0.95, 0.98)
 SEEDS = (0, 1, 2)
 ABLATION_SPARSITY = 0.98
 MAIN_VARIANTS = ("baseline", "tost")
-TECHNIQUES = {
-    # technique -> the Recipe fields that turn it off
-    "neurons": {"ghost_neurons": False},
-    "skips": {"ghost_skips": False},
-    "rescale": {"rescale_init": False},
-    "labels": {"label_smoothing": 0.0},
-}
+TECHNIQUES = {t.name: dict(t.off) for t in tost.Recipe.techniques()}
+"""technique -> the Recipe fields that turn it off (the library's table of techniques)."""
 ABLATION_VARIANTS = tuple(f"only_{t}" for t in TECHNIQUES) + tuple(f"no_{t}" for t in TECHNIQUES)
 VARIANTS = MAIN_VARIANTS + ABLATION_VARIANTS
 SNIP_BATCHES = 2
@@ -129,12 +124,8 @@ class RunKey:
 RECIPE_DEFAULTS = {f.name: f.default for f in fields(tost.Recipe) if f.default is not MISSING}
 BEFORE_ADDED = {"skip_pointwise": True}
 """What a field added to Recipe later was, in effect, before it existed (when it differs from today's default)."""
-SETTINGS_OF = {
-    # switch -> the fields that only matter while it is on
-    "ghost_neurons": ("soft_activation", "neuron_warmup", "neuron_relu6"),
-    "ghost_skips": ("skip_branch", "skip_init", "skip_pointwise", "skip_linear", "skip_warmup"),
-    "rescale_init": ("rescale_rule", "rescale_scope"),
-}
+SETTINGS_OF = {t.switch: t.settings for t in tost.Recipe.techniques()}
+"""switch -> the fields that only matter while it is on (label smoothing's schedule, while it is above 0)."""
 
 
 def recipe_fields(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -147,8 +138,6 @@ def recipe_fields(recipe: dict[str, Any]) -> dict[str, Any]:
         if not filled[switch]:
             for name in settings:
                 filled.pop(name)
-    if not filled["label_smoothing"]:
-        filled.pop("label_schedule")
     return filled
 
 
