@@ -13,20 +13,24 @@ Example:
 """
 
 from ._accelerate import accelerate
-from ._checkpoint import load, save
+from ._checkpoint import is_checkpoint, load, save
 from ._decide import Choice, choose
 from ._report import DeployReport, LayerDecision, report
+from ._summary import DeploySummary, checkpoint_bytes
 from ._timing import PairedTimer, Timer, Timing
 
 __all__ = [
     "Choice",
     "DeployReport",
+    "DeploySummary",
     "LayerDecision",
     "PairedTimer",
     "Timer",
     "Timing",
     "accelerate",
+    "checkpoint_bytes",
     "choose",
+    "is_checkpoint",
     "load",
     "report",
     "save",

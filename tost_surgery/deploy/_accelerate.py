@@ -110,7 +110,7 @@ def _decide_layer(
     builders, why = kernels.candidates(layer)
     if density is not None and density > MAX_DENSITY and any(map(kernels.is_sparse, builders)):
         builders = {k: b for k, b in builders.items() if not kernels.is_sparse(k)}
-        why = f"density above {MAX_DENSITY:.0%}: sparse kernels not timed"
+        why = f"density > {MAX_DENSITY:.0%}: no sparse timing"
     if not calls:
         builders, why = {}, "not called on the example"
     if not builders:

@@ -68,8 +68,15 @@ def load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a checkpoint written by :func:`save`."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    """Whether ``path`` is a file that holds a checkpoint written by :func:`save`.
+
+    Example:
+        >>> state = deploy.load(path) if deploy.is_checkpoint(path) else torch.load(path, weights_only=True)
+    """
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError):
+        return False
     return isinstance(saved, dict) and saved.get("format") == FORMAT
 
 

@@ -22,7 +22,7 @@ def choose(timing: Timing, min_speedup: float) -> Choice:
         >>> choose(Timing.of(dense=2.0, csr=1.0), min_speedup=1.1)
         Choice(kernel='csr', reason='')
         >>> choose(Timing.of(dense=1.0, csr=0.95), min_speedup=1.1).reason
-        'csr measured 1.05x, below min_speedup 1.1x'
+        'csr 1.05x < min_speedup 1.1x'
     """
     if not timing.speedup:
         return Choice(REFERENCE, "no sparse candidate")
@@ -31,5 +31,5 @@ def choose(timing: Timing, min_speedup: float) -> Choice:
     if speedup >= min_speedup:
         return Choice(best)
     if speedup < 1.0:
-        return Choice(REFERENCE, f"dense was faster ({best} measured {speedup:.2f}x)")
-    return Choice(REFERENCE, f"{best} measured {speedup:.2f}x, below min_speedup {min_speedup:g}x")
+        return Choice(REFERENCE, f"dense faster ({best} {speedup:.2f}x)")
+    return Choice(REFERENCE, f"{best} {speedup:.2f}x < min_speedup {min_speedup:g}x")
