@@ -340,3 +340,20 @@ def test_accelerated_timm_style_model_with_real_timer_runs() -> None:
     assert report.speedup > 0 and report.dense_ms > 0 and len(report.rows) == 5
     with torch.no_grad():
         assert (fast(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()
+
+
+def test_the_default_timer_stops_early_only_when_every_round_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tost_surgery.deploy import _timing
+
+    clock = {"dense": 4.0, "csr": 1.0}  # seconds per call, as the injected clock reports them
+    monkeypatch.setattr(_timing, "_seconds", lambda fn, repeats: clock[fn()])
+    candidates = {"dense": lambda: "dense", "csr": lambda: "csr"}
+    timer = deploy.PairedTimer(rounds=9, min_rounds=3, clear=2.0)
+    rounds_run = []
+    real_summarize = _timing._summarize
+    monkeypatch.setattr(
+        _timing, "_summarize", lambda per_round: rounds_run.append(len(per_round["csr"])) or real_summarize(per_round)
+    )
+    assert timer("fc", candidates).speedup["csr"] == pytest.approx(4.0) and rounds_run[-1] == 3
+    clock["csr"] = 3.0  # 1.33x: not clear, so every round runs
+    assert timer("fc", candidates).speedup["csr"] == pytest.approx(4 / 3) and rounds_run[-1] == 9

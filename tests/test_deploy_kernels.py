@@ -193,3 +193,62 @@ def test_to_csr_keeps_values_and_uses_int32_indices() -> None:
     assert torch.equal(csr.to_dense(), dense)
     with pytest.raises(ValueError, match="2-D"):
         to_csr(torch.ones(2, 2, 2))
+
+
+def native_conv():
+    from tost_surgery.deploy.kernels import NativeConv, native_available
+
+    available, why = native_available()
+    if not available:
+        pytest.skip(f"no C++ toolchain here: {why}")
+    return NativeConv
+
+
+@pytest.mark.slow  # the first run compiles the extension (minutes on a busy machine; cached after)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("form", list(CONV_FORMS))
+def test_native_conv_matches_dense(form: str, batch: int) -> None:
+    kernel = native_conv()
+    torch.manual_seed(0)
+    out_channels = 8 if CONV_FORMS[form].get("groups", 1) == 8 else 12
+    conv = sparsify(nn.Conv2d(8, out_channels, **CONV_FORMS[form]), density=0.3)
+    x = torch.randn(batch, 8, 11, 13)
+    with torch.no_grad():
+        assert_close(conv(x), kernel.from_conv(conv)(x))
+
+
+@pytest.mark.slow
+def test_native_conv1d_and_an_empty_weight_match_dense() -> None:
+    kernel = native_conv()
+    conv1d = sparsify(nn.Conv1d(8, 6, 3, stride=2, padding=2, dilation=2), density=0.3)
+    empty = sparsify(nn.Conv2d(4, 4, 3, padding=1), density=0.0)
+    with torch.no_grad():
+        v = torch.randn(2, 8, 17)
+        assert_close(conv1d(v), kernel.from_conv(conv1d)(v))
+        x = torch.randn(2, 4, 7, 7)
+        assert_close(empty(x), kernel.from_conv(empty)(x))
+
+
+def test_native_is_a_candidate_only_when_asked_and_for_float32_convs() -> None:
+    assert "native" not in candidates(nn.Conv2d(2, 2, 3))[0]
+    assert set(candidates(nn.Conv2d(2, 2, 3), native=True)[0]) == {"csr", "native", "channels_last"}
+    assert "native" in candidates(nn.Conv1d(2, 2, 3), native=True)[0]
+    assert "native" not in candidates(nn.Linear(2, 2), native=True)[0]
+    assert "native" not in candidates(nn.Conv2d(2, 2, 3).double(), native=True)[0]
+
+
+def test_without_a_compiler_native_warns_and_the_torch_kernels_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tost_surgery import TostSurgeryWarning, deploy
+    from tost_surgery.deploy.kernels import native_conv
+
+    monkeypatch.setattr(
+        native_conv, "native_extension", lambda: RuntimeError("Ninja is required to load C++ extensions")
+    )
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    for layer in (model[0], model[2]):
+        sparsify(layer, 0.2)
+    with pytest.warns(TostSurgeryWarning, match=r"native kernel could not be built \(RuntimeError: Ninja is required"):
+        fast = deploy.accelerate(model, torch.randn(1, 3, 8, 8), native=True)
+    report = deploy.report(fast)
+    assert all(row.kernel != "native" for row in report.rows)
+    assert any("torch-only kernels ran" in note for note in report.notes)

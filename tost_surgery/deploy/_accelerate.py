@@ -53,6 +53,7 @@ def accelerate(
     min_speedup: float = 1.1,
     threads: int | None = None,
     fold_batchnorm: bool = True,
+    native: bool = False,
     probes: int = 2,
     timer: Timer | None = None,
 ) -> nn.Module:
@@ -66,6 +67,9 @@ def accelerate(
     return a copy that does not match. ``model`` itself is left as it was.
 
     Args:
+        native: also try the compiled conv kernel (built with torch's C++ extension tooling on
+            first use, minutes; cached after). Without a compiler: a warning, and the torch-only
+            kernels.
         timer: how candidates are timed (default :class:`PairedTimer`); tests inject timings here.
 
     Raises:
@@ -76,7 +80,7 @@ def accelerate(
         >>> print(tost_surgery.deploy.report(fast))
     """
     inputs = _as_inputs(example_inputs)
-    _check_arguments(model, min_speedup, threads, probes)
+    _check_arguments(model, min_speedup, threads, native, probes)
     timer = timer or PairedTimer()
     with _threads(threads) as count, torch.no_grad():
         reference = copy.deepcopy(model).eval()
@@ -89,8 +93,12 @@ def accelerate(
         rows, notes = [], [folded.note] if folded and folded.note else []
         if not kernels.has_sparse_matmul():
             notes.append(_warn_no_mkl())
+        if native:
+            native, why = kernels.native_available()
+            if not native:
+                notes.append(_warn_no_native(why))
         for name, layer in list(_layers(work)):
-            row = _decide_layer(work, name, layer, recorded.get(name, []), timer, min_speedup)
+            row = _decide_layer(work, name, layer, recorded.get(name, []), timer, min_speedup, native)
             rows.append(_with_fold(row, norm_of.get(name, "")))
         for i, (x, want) in enumerate(zip(checks, expected)):
             what = "the example" if i == 0 else f"random probe {i}"
@@ -101,13 +109,13 @@ def accelerate(
 
 
 def _decide_layer(
-    model: nn.Module, name: str, layer: nn.Module, calls: list[Call], timer: Timer, min_speedup: float
+    model: nn.Module, name: str, layer: nn.Module, calls: list[Call], timer: Timer, min_speedup: float, native: bool
 ) -> LayerDecision:
     weight = getattr(layer, "weight", None)
     density = float((weight != 0).sum()) / weight.numel() if weight is not None else None
     kind = _describe(layer)
     macs = sum(call.positions for call in calls) * weight.numel() if weight is not None else 0
-    builders, why = kernels.candidates(layer)
+    builders, why = kernels.candidates(layer, native)
     if density is not None and density > MAX_DENSITY and any(map(kernels.is_sparse, builders)):
         builders = {k: b for k, b in builders.items() if not kernels.is_sparse(k)}
         why = f"density > {MAX_DENSITY:.0%}: no sparse timing"
@@ -118,7 +126,8 @@ def _decide_layer(
     built = {kernel: build(layer) for kernel, build in builders.items()}
     for kernel, module in built.items():
         for call in calls:
-            check(layer(*call.args), module(*call.args), f"Kernel {kernel!r} for layer {name!r} ({kind})", _FIX_HINT)
+            what = f"Kernel {kernel!r} for layer {name!r} ({kind})"
+            check(layer(*call.args), module(*call.args), what, _FIX_HINT, argmax=False)
     timing = timer(name, {"dense": _runner(layer, calls), **{k: _runner(m, calls) for k, m in built.items()}})
     choice = choose(timing, min_speedup)
     best = max(timing.speedup, key=timing.speedup.__getitem__)
@@ -219,6 +228,12 @@ def _warn_no_mkl() -> str:
     return note
 
 
+def _warn_no_native(why: str) -> str:
+    note = f"the native kernel could not be built ({why}): the torch-only kernels ran"
+    warnings.warn(f"deploy.accelerate: {note}.", TostSurgeryWarning, stacklevel=3)
+    return note
+
+
 def _probes(inputs: tuple, count: int) -> list[tuple]:
     """Random inputs shaped like the example, with its mean and spread (integer inputs kept)."""
     generator = torch.Generator().manual_seed(0)
@@ -250,7 +265,7 @@ def _as_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
     return tuple(inputs)
 
 
-def _check_arguments(model: object, min_speedup: object, threads: object, probes: object) -> None:
+def _check_arguments(model: object, min_speedup: object, threads: object, native: object, probes: object) -> None:
     if not isinstance(model, nn.Module):
         raise TostSurgeryError(f"accelerate takes an nn.Module, found {type(model).__name__}.")
     if getattr(model, "tost", None) is not None or any(parametrize.is_parametrized(m) for m in model.modules()):
@@ -263,6 +278,8 @@ def _check_arguments(model: object, min_speedup: object, threads: object, probes
         raise TostSurgeryError(f"min_speedup must be a number > 0, found {min_speedup!r}.\nHint: min_speedup=1.1")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise TostSurgeryError(f"threads must be None or an int >= 1, found {threads!r}.\nHint: threads=1")
+    if not isinstance(native, bool):
+        raise TostSurgeryError(f"native must be True or False, found {native!r}.\nHint: native=True")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
         raise TostSurgeryError(f"probes must be an int >= 0, found {probes!r}.\nHint: probes=2")
 

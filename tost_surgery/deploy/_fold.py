@@ -13,6 +13,7 @@ The model keeps its own class and forward: the BatchNorm module becomes an ``nn.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,8 @@ class _LeafTracer(fx.Tracer):
 
 
 def _timm_leaves() -> tuple[tuple[type, ...], tuple]:
+    if "timm" not in sys.modules:  # a timm model has imported it; importing it here would cost seconds
+        return (), ()
     try:
         from timm.layers import _fx as timm_fx
     except ImportError:

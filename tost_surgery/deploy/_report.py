@@ -28,7 +28,7 @@ class LayerDecision:
     macs: int
     """Dense multiply-adds of this layer on the example."""
     kernel: str
-    """``"csr"`` or ``"dense"``."""
+    """``"dense"``, ``"csr"``, ``"native"`` or ``"channels_last"``."""
     reason: str = ""
     """Why it stayed dense (empty when a sparse kernel runs)."""
     dense_ms: float | None = None
@@ -67,7 +67,7 @@ class DeployReport:
     @property
     def summary(self) -> str:
         """One line: the end-to-end speedup, the layers that run sparse, the limit."""
-        sparse = sum(row.kernel == "csr" for row in self.rows)
+        sparse = sum(row.kernel in ("csr", "native") for row in self.rows)
         layers = sum(row.density is not None for row in self.rows)
         return (
             f"end to end {self.speedup:.2f}x ({self.dense_ms:.2f} ms dense -> {self.accelerated_ms:.2f} ms, "

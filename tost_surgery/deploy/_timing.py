@@ -46,11 +46,12 @@ class Timer(Protocol):
 
 @dataclass(frozen=True)
 class PairedTimer:
-    """The default :class:`Timer`: ``rounds`` interleaved rounds of ``repeats`` calls each.
+    """The default :class:`Timer`: up to ``rounds`` interleaved rounds of ``repeats`` calls each.
 
     ``repeats`` is chosen once per layer so that one turn of the slowest candidate lasts about
     ``turn_seconds`` (a timer tick is far shorter, but short turns are at the mercy of
-    interrupts).
+    interrupts). Timing stops after ``min_rounds`` once every round has found every candidate
+    at least ``clear`` times faster or slower than dense: no threshold near 1 can then flip.
 
     Example:
         >>> timing = PairedTimer(rounds=5)("fc", {"dense": dense_fn, "csr": csr_fn})
@@ -59,6 +60,8 @@ class PairedTimer:
     rounds: int = 9
     turn_seconds: float = 2e-3
     max_repeats: int = 50
+    min_rounds: int = 3
+    clear: float = 2.0
 
     def __call__(self, layer: str, candidates: Mapping[str, Callable[[], object]]) -> Timing:
         names = list(candidates)
@@ -71,6 +74,8 @@ class PairedTimer:
             for r in range(self.rounds):
                 for name in names if r % 2 == 0 else reversed(names):
                     per_round[name].append(_seconds(candidates[name], repeats))
+                if r + 1 >= self.min_rounds and _is_clear(per_round, self.clear):
+                    break
         return _summarize(per_round)
 
 
@@ -79,6 +84,15 @@ def _seconds(fn: Callable[[], object], repeats: int) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - start) / repeats
+
+
+def _is_clear(per_round: Mapping[str, list[float]], clear: float) -> bool:
+    reference = per_round[REFERENCE]
+    for name, times in per_round.items():
+        ratios = [a / b for a, b in zip(reference, times)]
+        if name != REFERENCE and not (min(ratios) >= clear or max(ratios) <= 1 / clear):
+            return False
+    return True
 
 
 def _summarize(per_round: Mapping[str, list[float]]) -> Timing:

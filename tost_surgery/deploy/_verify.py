@@ -27,7 +27,9 @@ class Mismatch:
     found: str
 
 
-def mismatch(reference: object, candidate: object, tolerance: float = TOLERANCE) -> Mismatch | None:
+def mismatch(
+    reference: object, candidate: object, tolerance: float = TOLERANCE, argmax: bool = True
+) -> Mismatch | None:
     """``None`` if ``candidate`` matches ``reference`` (tensors, or tuples / lists / dicts of them).
 
     Example:
@@ -38,23 +40,27 @@ def mismatch(reference: object, candidate: object, tolerance: float = TOLERANCE)
     if [k for k, _ in ref_leaves] != [k for k, _ in cand_leaves]:
         return Mismatch("outputs", f"outputs {[k for k, _ in ref_leaves]}", f"outputs {[k for k, _ in cand_leaves]}")
     for (key, ref), (_, cand) in zip(ref_leaves, cand_leaves):
-        found = _compare(key, ref, cand, tolerance)
+        found = _compare(key, ref, cand, tolerance, argmax)
         if found is not None:
             return found
     return None
 
 
-def check(reference: object, candidate: object, what: str, hint: str, tolerance: float = TOLERANCE) -> None:
-    """Raise :class:`TostSurgeryError` naming ``what`` if ``candidate`` does not match ``reference``."""
-    found = mismatch(reference, candidate, tolerance)
+def check(
+    reference: object, candidate: object, what: str, hint: str, tolerance: float = TOLERANCE, argmax: bool = True
+) -> None:
+    """Raise :class:`TostSurgeryError` naming ``what`` if ``candidate`` does not match ``reference``.
+
+    ``argmax=False`` checks the tolerance only (a layer's output has no classes).
+    """
+    found = mismatch(reference, candidate, tolerance, argmax)
     if found is not None:
         raise TostSurgeryError(
-            f"{what} does not match, at {found.where}.\n"
-            f"expected: {found.expected}\nfound: {found.found}\nHint: {hint}"
+            f"{what} does not match, at {found.where}.\nexpected: {found.expected}\nfound: {found.found}\nHint: {hint}"
         )
 
 
-def _compare(key: str, ref: object, cand: object, tolerance: float) -> Mismatch | None:
+def _compare(key: str, ref: object, cand: object, tolerance: float, argmax: bool) -> Mismatch | None:
     if not isinstance(ref, torch.Tensor):
         return None if ref == cand else Mismatch(key, repr(ref), repr(cand))
     if not isinstance(cand, torch.Tensor) or cand.shape != ref.shape or cand.dtype != ref.dtype:
@@ -67,7 +73,7 @@ def _compare(key: str, ref: object, cand: object, tolerance: float) -> Mismatch 
     error = float((ref - cand).abs().max()) if ref.numel() else 0.0
     if not error <= allowed:  # also catches NaN
         return Mismatch(key, f"max |difference| <= {tolerance:g} x max|output| = {allowed:.3g}", f"{error:.3g}")
-    return _compare_argmax(key, ref, cand)
+    return _compare_argmax(key, ref, cand) if argmax else None
 
 
 def _compare_argmax(key: str, ref: torch.Tensor, cand: torch.Tensor) -> Mismatch | None:

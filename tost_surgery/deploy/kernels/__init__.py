@@ -4,6 +4,8 @@
 - ``csr_conv``: ``nn.Conv1d`` / ``nn.Conv2d`` (any kernel size, stride, dilation, padding and
   padding mode, groups, bias) as one CSR matrix per kernel tap over shifted views.
 - ``channels_last``: a dense Conv2d or pooling layer run in channels-last memory format.
+- ``native_conv`` (optional, compiled on first use): Conv1d / Conv2d with the tap loop fused,
+  blocked over output pixels.
 
 Every kernel is a module built from the layer, with the same map; which one runs is decided by
 measurement (``deploy.accelerate``).
@@ -20,23 +22,25 @@ from ._csr import has_sparse_matmul, to_csr
 from .channels_last import ChannelsLast
 from .csr_conv import ConvGeometry, CsrConv
 from .csr_linear import CsrLinear
+from .native_conv import NativeConv, native_available
 
 Builder = Callable[[nn.Module], nn.Module]
 
 __all__ = [
-    "Builder", "ChannelsLast", "ConvGeometry", "CsrConv", "CsrLinear", "POOLS", "candidates",
-    "has_sparse_matmul", "is_sparse", "to_csr",
+    "Builder", "ChannelsLast", "ConvGeometry", "CsrConv", "CsrLinear", "NativeConv", "POOLS", "candidates",
+    "has_sparse_matmul", "is_sparse", "native_available", "to_csr",
 ]  # fmt: skip
 
 POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 _DTYPES = (torch.float32, torch.float64)
 
 
-def candidates(layer: nn.Module) -> tuple[dict[str, Builder], str]:
+def candidates(layer: nn.Module, native: bool = False) -> tuple[dict[str, Builder], str]:
     """``({kernel name: builder}, "")`` for a layer some kernel computes, else ``({}, why not)``.
 
-    Sparse kernels need MKL's CSR matmul (see :func:`has_sparse_matmul`); without it a conv
-    or Linear gets only the layout candidate, if any.
+    CSR kernels need MKL's CSR matmul (see :func:`has_sparse_matmul`); without it a conv or
+    Linear gets only the layout candidate, if any. ``native`` adds the compiled conv kernel
+    (float32), which needs no MKL.
 
     Example:
         >>> candidates(nn.Linear(4, 2))[0].keys()
@@ -61,6 +65,8 @@ def candidates(layer: nn.Module) -> tuple[dict[str, Builder], str]:
     builders: dict[str, Builder] = {}
     if has_sparse_matmul():
         builders["csr"] = CsrLinear.from_linear if isinstance(layer, nn.Linear) else CsrConv.from_conv
+    if native and not isinstance(layer, nn.Linear) and layer.weight.dtype == torch.float32:
+        builders["native"] = NativeConv.from_conv
     if isinstance(layer, nn.Conv2d):
         builders["channels_last"] = ChannelsLast
     return builders, "" if builders else "torch has no MKL sparse support here"
@@ -68,4 +74,4 @@ def candidates(layer: nn.Module) -> tuple[dict[str, Builder], str]:
 
 def is_sparse(kernel: str) -> bool:
     """Whether a kernel name stands for a sparse kernel (rather than dense or a layout)."""
-    return kernel == "csr"
+    return kernel in ("csr", "native")
