@@ -168,8 +168,10 @@ def test_threads_are_set_for_the_decision_and_restored(net: Net, x: torch.Tensor
 def test_a_kernel_that_disagrees_with_dense_is_refused(
     net: Net, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    wrong = CsrConv._forward_2d
-    monkeypatch.setattr(CsrConv, "_forward_2d", lambda self, v: wrong(self, v) * 1.001)
+    from tost_surgery.deploy.kernels import csr_conv
+
+    right = csr_conv.conv2d
+    monkeypatch.setattr(csr_conv, "conv2d", lambda *args: right(*args) * 1.001)
     with pytest.raises(TostSurgeryError, match=r"Kernel 'csr' for layer 'conv1' \(Conv2d 3x3\) does not match"):
         deploy.accelerate(net, x, timer=timer_with({"csr": 3.0}))
 
@@ -357,3 +359,25 @@ def test_the_default_timer_stops_early_only_when_every_round_is_clear(monkeypatc
     assert timer("fc", candidates).speedup["csr"] == pytest.approx(4.0) and rounds_run[-1] == 3
     clock["csr"] = 3.0  # 1.33x: not clear, so every round runs
     assert timer("fc", candidates).speedup["csr"] == pytest.approx(4 / 3) and rounds_run[-1] == 9
+
+
+def test_the_accelerated_model_exports_and_compiles(net: Net, x: torch.Tensor, tmp_path) -> None:
+    fast = deploy.accelerate(net, x, timer=timer_with({"csr": 3.0, "channels_last": 1.0}))
+    exported = torch.export.export(fast, (x,))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"tost_surgery_deploy.csr_conv.default", "tost_surgery_deploy.csr_linear.default"} <= ops
+    torch.export.save(exported, tmp_path / "fast.pt2")
+    loaded = torch.export.load(tmp_path / "fast.pt2")
+    with torch.no_grad():
+        expected = fast(x)
+        assert torch.equal(loaded.module()(x), expected)
+        compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x), expected)
+
+
+def test_kernels_follow_dtype_changes_of_the_whole_model(net: Net, x: torch.Tensor) -> None:
+    fast = deploy.accelerate(net, x, timer=timer_with({"csr": 3.0})).double()
+    with torch.no_grad():
+        out = fast(x.double())
+        assert out.dtype == torch.float64
+        assert (out - net.double()(x.double())).abs().max() <= 1e-5 * out.abs().max()

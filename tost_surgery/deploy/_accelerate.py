@@ -1,10 +1,10 @@
 """``accelerate``: an inference copy whose convs and Linears run sparse kernels where that is faster.
 
-    model (exact zeros) -> copy, eval -> fold BatchNorms -> record each layer's inputs on the example
-      -> per conv/Linear: build candidates, check each against dense, time them paired and
-         interleaved, keep dense unless one wins by min_speedup -> swap the winners in
-      -> check the copy against the model on the example and random probes, else refuse
-      -> time both end to end -> the copy, with its report
+model (exact zeros) -> copy, eval -> fold BatchNorms -> record each layer's inputs on the example
+  -> per conv/Linear: build candidates, check each against dense, time them paired and
+     interleaved, keep dense unless one wins by min_speedup -> swap the winners in
+  -> check the copy against the model on the example and random probes, else refuse
+  -> time both end to end -> the copy, with its report
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ._verify import check
 MAX_DENSITY = 0.5
 """Above this density sparse kernels are not timed (measured, one thread: dense won every conv
 shape tried from 30%, and every Linear but one at batch 8, 1.2-1.3x up to 50%)."""
+
 
 @dataclass(frozen=True)
 class Call:

@@ -17,6 +17,8 @@ A 1x1 conv with stride 1 and no padding reads each image in place instead:
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +83,10 @@ class Tap:
 class CsrConv(nn.Module):
     """Inference-only Conv1d/Conv2d: one int32 CSR matrix per nonzero kernel tap.
 
+    The tap matrices' parts are buffers (``crow``, ``col``, ``values``), so ``.to(dtype)`` and
+    ``torch.export`` see them; under ``torch.export`` / ``torch.compile`` the layer is one
+    custom op, ``torch.ops.tost_surgery_deploy.csr_conv``.
+
     Example:
         >>> conv = nn.Conv2d(64, 64, 3, padding=1)
         >>> CsrConv.from_conv(conv)(torch.randn(1, 64, 56, 56)).shape
@@ -92,9 +98,18 @@ class CsrConv(nn.Module):
         self.geometry = geometry
         self.out_channels = weight.shape[0]
         self.in_channels = weight.shape[1] * geometry.groups
-        self.taps = _taps(weight.detach().reshape(weight.shape[0], weight.shape[1], *geometry.kernel), geometry)
-        self.phases = frozenset(tap.phase for tap in self.taps)
+        taps = _taps(weight.detach().reshape(weight.shape[0], weight.shape[1], *geometry.kernel), geometry)
+        self.layout = tuple((t.phase, t.row_shift, t.col_shift) for t in taps)
+        crow = [t.matrix.crow_indices() for t in taps]
+        self.register_buffer(
+            "crow", torch.stack(crow) if crow else torch.zeros(0, self.out_channels + 1, dtype=torch.int32)
+        )
+        self.register_buffer(
+            "col", torch.cat([t.matrix.col_indices() for t in taps] or [torch.zeros(0, dtype=torch.int32)])
+        )
+        self.register_buffer("values", torch.cat([t.matrix.values() for t in taps] or [weight.new_zeros(0)]))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.taps = _tap_matrices(self.crow, self.col, self.values, self.layout, self.in_channels)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv1d | nn.Conv2d) -> CsrConv:
@@ -103,64 +118,116 @@ class CsrConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_inference(x, self)
-        if self.geometry.spatial_dims == 1:
-            return self._forward_2d(x.unsqueeze(2)).squeeze(2)
-        return self._forward_2d(x)
+        x2d = x.unsqueeze(2) if self.geometry.spatial_dims == 1 else x
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            g = self.geometry
+            flat_layout = [v for entry in self.layout for v in entry]
+            out = torch.ops.tost_surgery_deploy.csr_conv(
+                x2d, self.crow, self.col, self.values, self.bias, flat_layout, self.in_channels,
+                list(g.kernel), list(g.stride), list(g.dilation), list(g.pads), g.padding_mode, g.groups,
+            )  # fmt: skip
+        else:
+            out = conv2d(x2d, self.taps, self.geometry, self.bias, self.out_channels)
+        return out.squeeze(2) if self.geometry.spatial_dims == 1 else out
 
-    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        if self.geometry.is_pointwise:
-            return self._pointwise(x)
-        geometry = self.geometry
-        if geometry.padding_mode != "zeros":  # reflect / replicate / circular: pad first, then as "valid"
-            x = F.pad(x, geometry.pads, mode=geometry.padding_mode)
-            geometry = _without_padding(geometry)
-        batch, height, width = x.shape[0], x.shape[2], x.shape[3]
-        out_h, out_w = geometry.output_size(height, width)
-        planes = _phase_planes(x, geometry, self.phases)  # (phases, C, rows + 1, cols, N)
-        _, channels, rows, cols, _ = planes.shape
-        plane = rows * cols * batch
-        length = out_h * cols * batch
-        out = x.new_empty(self.out_channels, length)
-        beta = 0.0  # the first product overwrites the uninitialized output (BLAS ignores it at beta 0)
-        for tap in self.taps:
-            start = tap.phase * channels * plane + (tap.row_shift * cols + tap.col_shift) * batch
-            out.addmm_(tap.matrix, planes.as_strided((channels, length), (plane, 1), start), beta=beta)
-            beta = 1.0
-        if not self.taps:
-            out.zero_()
-        grid = out.view(self.out_channels, out_h, cols, batch)[:, :, :out_w].permute(3, 0, 1, 2)
-        result = x.new_empty(batch, self.out_channels, out_h, out_w)
-        if self.bias is None:
-            return result.copy_(grid)
-        return torch.add(grid, self.bias.view(1, -1, 1, 1), out=result)
-
-    def _pointwise(self, x: torch.Tensor) -> torch.Tensor:
-        """A 1x1 conv without padding: each image (subsampled by the stride) is the matrix to multiply."""
-        stride = self.geometry.stride
-        if stride != (1, 1):
-            x = x[:, :, :: stride[0], :: stride[1]]
-        batch, _, height, width = x.shape
-        images = x.contiguous().view(batch, self.in_channels, height * width)
-        result = x.new_empty(batch, self.out_channels, height * width)
-        if not self.taps:
-            result.zero_()
-        for n in range(batch if self.taps else 0):
-            result[n].addmm_(self.taps[0].matrix, images[n], beta=0.0)
-        if self.bias is not None:
-            result.add_(self.bias.view(1, -1, 1))
-        return result.view(batch, self.out_channels, height, width)
-
-    def _apply(self, fn, recurse=True):  # .to(dtype) / .double() reach the CSR matrices too
-        self.taps = [Tap(t.phase, t.row_shift, t.col_shift, fn(t.matrix)) for t in self.taps]
-        return super()._apply(fn, recurse)
+    def _apply(self, fn, recurse=True):  # .to(dtype) / .double() replace the buffers: rebuild the views
+        module = super()._apply(fn, recurse)
+        self.taps = _tap_matrices(self.crow, self.col, self.values, self.layout, self.in_channels)
+        return module
 
     def extra_repr(self) -> str:
-        nnz = sum(t.matrix.values().numel() for t in self.taps)
         g = self.geometry
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={g.kernel}, stride={g.stride}, "
-            f"dilation={g.dilation}, pads={g.pads}, groups={g.groups}, taps={len(self.taps)}, nnz={nnz}"
+            f"dilation={g.dilation}, pads={g.pads}, groups={g.groups}, taps={len(self.taps)}, nnz={self.values.numel()}"
         )
+
+
+def _tap_matrices(
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    layout: Sequence[tuple[int, int, int]],
+    in_channels: int,
+) -> list[Tap]:
+    """The CSR tap matrices as views of the buffers (no copy)."""
+    taps, start = [], 0
+    for i, (phase, row_shift, col_shift) in enumerate(layout):
+        end = start + int(crow[i, -1])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            matrix = torch.sparse_csr_tensor(
+                crow[i], col[start:end], values[start:end], (crow.shape[1] - 1, in_channels), check_invariants=False
+            )
+        taps.append(Tap(phase, row_shift, col_shift, matrix))
+        start = end
+    return taps
+
+
+def conv2d(
+    x: torch.Tensor, taps: Sequence[Tap], geometry: ConvGeometry, bias: torch.Tensor | None, out_channels: int
+) -> torch.Tensor:
+    """The conv of a 4-D input by its tap matrices (see the module docstring)."""
+    if geometry.is_pointwise:
+        return _pointwise(x, taps, geometry, bias, out_channels)
+    if geometry.padding_mode != "zeros":  # reflect / replicate / circular: pad first, then as "valid"
+        x = F.pad(x, geometry.pads, mode=geometry.padding_mode)
+        geometry = _without_padding(geometry)
+    batch, height, width = x.shape[0], x.shape[2], x.shape[3]
+    out_h, out_w = geometry.output_size(height, width)
+    planes = _phase_planes(x, geometry, frozenset(tap.phase for tap in taps))  # (phases, C, rows + 1, cols, N)
+    _, channels, rows, cols, _ = planes.shape
+    plane = rows * cols * batch
+    length = out_h * cols * batch
+    out = x.new_empty(out_channels, length)
+    beta = 0.0  # the first product overwrites the uninitialized output (BLAS ignores it at beta 0)
+    for tap in taps:
+        start = tap.phase * channels * plane + (tap.row_shift * cols + tap.col_shift) * batch
+        out.addmm_(tap.matrix, planes.as_strided((channels, length), (plane, 1), start), beta=beta)
+        beta = 1.0
+    if not taps:
+        out.zero_()
+    grid = out.view(out_channels, out_h, cols, batch)[:, :, :out_w].permute(3, 0, 1, 2)
+    result = x.new_empty(batch, out_channels, out_h, out_w)
+    if bias is None:
+        return result.copy_(grid)
+    return torch.add(grid, bias.view(1, -1, 1, 1), out=result)
+
+
+def _pointwise(
+    x: torch.Tensor, taps: Sequence[Tap], geometry: ConvGeometry, bias: torch.Tensor | None, out_channels: int
+) -> torch.Tensor:
+    """A 1x1 conv without padding: each image (subsampled by the stride) is the matrix to multiply."""
+    if geometry.stride != (1, 1):
+        x = x[:, :, :: geometry.stride[0], :: geometry.stride[1]]
+    batch, channels, height, width = x.shape
+    images = x.contiguous().view(batch, channels, height * width)
+    result = x.new_empty(batch, out_channels, height * width)
+    if not taps:
+        result.zero_()
+    for n in range(batch if taps else 0):
+        result[n].addmm_(taps[0].matrix, images[n], beta=0.0)
+    if bias is not None:
+        result.add_(bias.view(1, -1, 1))
+    return result.view(batch, out_channels, height, width)
+
+
+@torch.library.custom_op("tost_surgery_deploy::csr_conv", mutates_args=())
+def _csr_conv_op(
+    x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+    layout: list[int], in_channels: int, kernel: list[int], stride: list[int], dilation: list[int],
+    pads: list[int], padding_mode: str, groups: int,
+) -> torch.Tensor:  # fmt: skip
+    """``CsrConv`` as one op, so that ``torch.export`` and ``torch.compile`` keep it whole."""
+    geometry = ConvGeometry(tuple(kernel), tuple(stride), tuple(dilation), tuple(pads), padding_mode, groups, 2)
+    taps = _tap_matrices(crow, col, values, list(zip(layout[0::3], layout[1::3], layout[2::3])), in_channels)
+    return conv2d(x, taps, geometry, bias, crow.shape[1] - 1)
+
+
+@_csr_conv_op.register_fake
+def _(x, crow, col, values, bias, layout, in_channels, kernel, stride, dilation, pads, padding_mode, groups):
+    geometry = ConvGeometry(tuple(kernel), tuple(stride), tuple(dilation), tuple(pads), padding_mode, groups, 2)
+    return x.new_empty(x.shape[0], crow.shape[1] - 1, *geometry.output_size(x.shape[2], x.shape[3]))
 
 
 def _taps(weight: torch.Tensor, geometry: ConvGeometry) -> list[Tap]:

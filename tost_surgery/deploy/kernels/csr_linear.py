@@ -8,6 +8,8 @@ take MKL's column-major route instead, 3-11x slower: do not "simplify" to those.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -16,6 +18,9 @@ from ._csr import to_csr
 
 class CsrLinear(nn.Module):
     """Inference-only ``nn.Linear`` with its weight held as an int32 CSR matrix.
+
+    The matrix's parts are buffers (``crow``, ``col``, ``values``); under ``torch.export`` /
+    ``torch.compile`` the layer is one custom op, ``torch.ops.tost_surgery_deploy.csr_linear``.
 
     Example:
         >>> sparse = CsrLinear.from_linear(nn.Linear(512, 1000))
@@ -26,8 +31,12 @@ class CsrLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.weight_csr = to_csr(weight)
+        matrix = to_csr(weight)  # its parts are copied out: a view of a CSR tensor cannot be exported
+        self.register_buffer("crow", matrix.crow_indices().clone())
+        self.register_buffer("col", matrix.col_indices().clone())
+        self.register_buffer("values", matrix.values().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.weight_csr = _matrix(self.crow, self.col, self.values, self.in_features)
 
     @classmethod
     def from_linear(cls, layer: nn.Linear) -> CsrLinear:
@@ -36,22 +45,52 @@ class CsrLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_inference(x, self)
-        lead = x.shape[:-1]
-        rows = x.reshape(-1, self.in_features)
-        if self.bias is None:
-            out_t = torch.zeros(self.out_features, rows.shape[0], dtype=x.dtype)
-        else:
-            out_t = self.bias.unsqueeze(1).expand(-1, rows.shape[0]).clone()
-        out_t.addmm_(self.weight_csr, rows.T)
-        return out_t.T.contiguous().view(*lead, self.out_features)
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return torch.ops.tost_surgery_deploy.csr_linear(
+                x, self.crow, self.col, self.values, self.bias, self.in_features
+            )
+        return linear(x, self.weight_csr, self.bias)
 
-    def _apply(self, fn, recurse=True):  # .to(dtype) / .double() reach the CSR matrix too
-        self.weight_csr = fn(self.weight_csr)
-        return super()._apply(fn, recurse)
+    def _apply(self, fn, recurse=True):  # .to(dtype) / .double() replace the buffers: rebuild the view
+        module = super()._apply(fn, recurse)
+        self.weight_csr = _matrix(self.crow, self.col, self.values, self.in_features)
+        return module
 
     def extra_repr(self) -> str:
-        nnz = self.weight_csr.values().numel()
-        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.values.numel()}"
+
+
+def linear(x: torch.Tensor, weight_csr: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, W, b)`` with ``W`` in CSR, on MKL's row-major route."""
+    out_features, in_features = weight_csr.shape
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, in_features)
+    if bias is None:
+        out_t = torch.zeros(out_features, rows.shape[0], dtype=x.dtype)
+    else:
+        out_t = bias.unsqueeze(1).expand(-1, rows.shape[0]).clone()
+    out_t.addmm_(weight_csr, rows.T)
+    return out_t.T.contiguous().view(*lead, out_features)
+
+
+def _matrix(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, (crow.numel() - 1, in_features), check_invariants=False)
+
+
+@torch.library.custom_op("tost_surgery_deploy::csr_linear", mutates_args=())
+def _csr_linear_op(
+    x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+    in_features: int,
+) -> torch.Tensor:  # fmt: skip
+    """``CsrLinear`` as one op, so that ``torch.export`` and ``torch.compile`` keep it whole."""
+    return linear(x, _matrix(crow, col, values, in_features), bias)
+
+
+@_csr_linear_op.register_fake
+def _(x, crow, col, values, bias, in_features):
+    return x.new_empty(*x.shape[:-1], crow.numel() - 1)
 
 
 def check_inference(x: torch.Tensor, layer: nn.Module) -> None:

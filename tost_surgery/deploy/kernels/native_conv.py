@@ -131,6 +131,9 @@ def native_available() -> tuple[bool, str]:
 class NativeConv(nn.Module):
     """Inference-only float32 Conv1d/Conv2d on the compiled fused kernel (see the module docstring).
 
+    Its nonzeros are buffers; under ``torch.export`` / ``torch.compile`` the layer is one custom
+    op, ``torch.ops.tost_surgery_deploy.native_conv`` (which needs the built extension to run).
+
     Example:
         >>> NativeConv.from_conv(nn.Conv2d(64, 64, 3, padding=1))(torch.randn(1, 64, 56, 56)).shape
         torch.Size([1, 64, 56, 56])
@@ -140,12 +143,14 @@ class NativeConv(nn.Module):
         super().__init__()
         self.geometry = geometry
         self.out_channels = weight.shape[0]
-        taps = CsrConv(weight, None, geometry).taps  # the same tap matrices, flattened into one CSR
-        self.phases = frozenset(tap.phase for tap in taps)
         self.in_channels = weight.shape[1] * geometry.groups
-        self._entries = _entries(taps, self.out_channels)
+        taps = CsrConv(weight, None, geometry).taps  # the same tap matrices, flattened into one CSR
+        self.phases = tuple(sorted({tap.phase for tap in taps}))
+        for name, tensor in zip(
+            ("row_ptr", "plane_index", "row_shift", "col_shift", "values"), _entries(taps, self.out_channels)
+        ):
+            self.register_buffer(name, tensor)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._offsets: dict[tuple[int, int], torch.Tensor] = {}
 
     @classmethod
     def from_conv(cls, conv: nn.Conv1d | nn.Conv2d) -> NativeConv:
@@ -154,33 +159,62 @@ class NativeConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_inference(x, self)
-        if self.geometry.spatial_dims == 1:
-            return self._forward_2d(x.unsqueeze(2)).squeeze(2)
-        return self._forward_2d(x)
-
-    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        geometry = self.geometry
-        if geometry.padding_mode != "zeros":
-            x = F.pad(x, geometry.pads, mode=geometry.padding_mode)
-            geometry = ConvGeometry(
-                geometry.kernel, geometry.stride, geometry.dilation, (0, 0, 0, 0), "zeros",
-                geometry.groups, geometry.spatial_dims,
-            )  # fmt: skip
-        out_h, out_w = geometry.output_size(x.shape[2], x.shape[3])
-        planes = _image_planes(x.float(), geometry, self.phases, out_h)  # (N, P, C, R, Q)
-        rows, cols = planes.shape[3], planes.shape[4]
-        row_ptr, plane_index, row_shift, col_shift, values = self._entries
-        offsets = self._offsets.get((rows, cols))
-        if offsets is None:
-            offsets = ((plane_index * rows + row_shift) * cols + col_shift).to(torch.int32)
-            self._offsets[(rows, cols)] = offsets
-        bias = self.bias if self.bias is not None else values.new_empty(0)
-        extension = native_extension()
-        return extension.sparse_conv(planes.view(x.shape[0], -1), row_ptr, offsets, values, bias, cols, out_h, out_w)
+        x2d = x.unsqueeze(2) if self.geometry.spatial_dims == 1 else x
+        g = self.geometry
+        args = (
+            x2d, self.row_ptr, self.plane_index, self.row_shift, self.col_shift, self.values, self.bias,
+            list(self.phases), list(g.kernel), list(g.stride), list(g.dilation), list(g.pads), g.padding_mode, g.groups,
+        )  # fmt: skip
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            out = torch.ops.tost_surgery_deploy.native_conv(*args)
+        else:
+            out = native_conv2d(*args)
+        return out.squeeze(2) if self.geometry.spatial_dims == 1 else out
 
     def extra_repr(self) -> str:
-        g, nnz = self.geometry, self._entries[4].numel()
+        g, nnz = self.geometry, self.values.numel()
         return f"{self.in_channels}, {self.out_channels}, kernel_size={g.kernel}, stride={g.stride}, nnz={nnz}"
+
+
+def native_conv2d(
+    x: torch.Tensor, row_ptr: torch.Tensor, plane_index: torch.Tensor, row_shift: torch.Tensor,
+    col_shift: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, phases: list[int],
+    kernel: list[int], stride: list[int], dilation: list[int], pads: list[int], padding_mode: str, groups: int,
+) -> torch.Tensor:  # fmt: skip
+    """The conv of a 4-D float32 input on the compiled kernel."""
+    geometry = ConvGeometry(tuple(kernel), tuple(stride), tuple(dilation), tuple(pads), padding_mode, groups, 2)
+    if padding_mode != "zeros":
+        x = F.pad(x, geometry.pads, mode=padding_mode)
+        geometry = ConvGeometry(geometry.kernel, geometry.stride, geometry.dilation, (0, 0, 0, 0), "zeros", groups, 2)
+    out_h, out_w = geometry.output_size(x.shape[2], x.shape[3])
+    planes = _image_planes(x, geometry, frozenset(phases), out_h)  # (N, P, C, R, Q)
+    rows, cols = planes.shape[3], planes.shape[4]
+    offsets = ((plane_index * rows + row_shift) * cols + col_shift).to(torch.int32)
+    bias = bias if bias is not None else values.new_empty(0)
+    return native_extension().sparse_conv(
+        planes.view(x.shape[0], -1), row_ptr, offsets, values, bias, cols, out_h, out_w
+    )
+
+
+@torch.library.custom_op("tost_surgery_deploy::native_conv", mutates_args=())
+def _native_conv_op(
+    x: torch.Tensor, row_ptr: torch.Tensor, plane_index: torch.Tensor, row_shift: torch.Tensor,
+    col_shift: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, phases: list[int],
+    kernel: list[int], stride: list[int], dilation: list[int], pads: list[int], padding_mode: str, groups: int,
+) -> torch.Tensor:  # fmt: skip
+    """``NativeConv`` as one op, so that ``torch.export`` and ``torch.compile`` keep it whole."""
+    return native_conv2d(
+        x, row_ptr, plane_index, row_shift, col_shift, values, bias, phases, kernel, stride, dilation, pads,
+        padding_mode, groups,
+    )  # fmt: skip
+
+
+@_native_conv_op.register_fake
+def _(
+    x, row_ptr, plane_index, row_shift, col_shift, values, bias, phases, kernel, stride, dilation, pads, mode, groups
+):
+    geometry = ConvGeometry(tuple(kernel), tuple(stride), tuple(dilation), tuple(pads), mode, groups, 2)
+    return x.new_empty(x.shape[0], row_ptr.numel() - 1, *geometry.output_size(x.shape[2], x.shape[3]))
 
 
 def _entries(taps: list, out_channels: int) -> tuple[torch.Tensor, ...]:
