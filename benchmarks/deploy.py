@@ -219,7 +219,7 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
                         dict(model=model, mask=mask, sparsity=sparsity, batch=batch, threads=t, native=args.native)
                         for t in threads
                     ]
-    return grid
+    return sorted(grid, key=lambda c: c["batch"])  # batch 1 first: the targets are there
 
 
 def cell_key(record: dict[str, Any]) -> tuple:
