@@ -151,6 +151,7 @@ class NativeConv(nn.Module):
         ):
             self.register_buffer(name, tensor)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._offsets: dict[tuple[int, int], torch.Tensor] = {}  # per input plane size
 
     @classmethod
     def from_conv(cls, conv: nn.Conv1d | nn.Conv2d) -> NativeConv:
@@ -168,7 +169,7 @@ class NativeConv(nn.Module):
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             out = torch.ops.tost_surgery_deploy.native_conv(*args)
         else:
-            out = native_conv2d(*args)
+            out = native_conv2d(*args, offsets_cache=self._offsets)
         return out.squeeze(2) if self.geometry.spatial_dims == 1 else out
 
     def extra_repr(self) -> str:
@@ -180,6 +181,7 @@ def native_conv2d(
     x: torch.Tensor, row_ptr: torch.Tensor, plane_index: torch.Tensor, row_shift: torch.Tensor,
     col_shift: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, phases: list[int],
     kernel: list[int], stride: list[int], dilation: list[int], pads: list[int], padding_mode: str, groups: int,
+    offsets_cache: dict[tuple[int, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The conv of a 4-D float32 input on the compiled kernel."""
     geometry = ConvGeometry(tuple(kernel), tuple(stride), tuple(dilation), tuple(pads), padding_mode, groups, 2)
@@ -189,7 +191,11 @@ def native_conv2d(
     out_h, out_w = geometry.output_size(x.shape[2], x.shape[3])
     planes = _image_planes(x, geometry, frozenset(phases), out_h)  # (N, P, C, R, Q)
     rows, cols = planes.shape[3], planes.shape[4]
-    offsets = ((plane_index * rows + row_shift) * cols + col_shift).to(torch.int32)
+    offsets = None if offsets_cache is None else offsets_cache.get((rows, cols))
+    if offsets is None:
+        offsets = ((plane_index * rows + row_shift) * cols + col_shift).to(torch.int32)
+        if offsets_cache is not None:
+            offsets_cache[(rows, cols)] = offsets
     bias = bias if bias is not None else values.new_empty(0)
     return native_extension().sparse_conv(
         planes.view(x.shape[0], -1), row_ptr, offsets, values, bias, cols, out_h, out_w
