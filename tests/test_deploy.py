@@ -381,3 +381,18 @@ def test_kernels_follow_dtype_changes_of_the_whole_model(net: Net, x: torch.Tens
         out = fast(x.double())
         assert out.dtype == torch.float64
         assert (out - net.double()(x.double())).abs().max() <= 1e-5 * out.abs().max()
+
+
+def test_fold_keeps_the_activation_of_timms_batchnorm_act() -> None:
+    timm_layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), timm_layers.BatchNormAct2d(8, act_layer=nn.SiLU), nn.Conv2d(8, 4, 1)
+    )
+    model = pruned(model)
+    model[1].running_mean.uniform_(-1, 1)
+    folded = copy.deepcopy(model)
+    assert fold_batchnorms(folded).pairs == (("0", "1"),)
+    assert isinstance(folded[1], nn.Sequential) and isinstance(folded[1][1], nn.SiLU)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert (folded(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()

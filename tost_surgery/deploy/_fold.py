@@ -7,7 +7,8 @@ Before::                               After::
 with ``s = gamma / sqrt(running_var + eps)`` per output channel: zeros of ``W`` stay zeros, and
 the sparse kernels then see the folded conv. A pair is folded only where the traced graph
 shows the conv's output is read by that BatchNorm alone, and each module is called once.
-The model keeps its own class and forward: the BatchNorm module becomes an ``nn.Identity``.
+The model keeps its own class and forward: the BatchNorm module becomes an ``nn.Identity``
+(timm's ``BatchNormAct2d`` becomes its own dropout and activation, in that order).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def fold_batchnorms(model: nn.Module) -> Folded:
     except Exception as error:  # any failure of tracing leaves the model unfolded, not broken
         return Folded((), f"BatchNorm not folded: torch.fx could not trace the model ({type(error).__name__})")
     for conv_name, norm_name in pairs:
-        _fold(model.get_submodule(conv_name), model.get_submodule(norm_name))
-        _replace(model, norm_name, nn.Identity())
+        norm = model.get_submodule(norm_name)
+        _fold(model.get_submodule(conv_name), norm)
+        _replace(model, norm_name, nn.Sequential(norm.drop, norm.act) if _is_norm_act(norm) else nn.Identity())
     return Folded(tuple(pairs))
 
 
@@ -90,11 +92,17 @@ def _foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 def _fits(model: nn.Module, conv_name: str, norm_name: str) -> bool:
     conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
-    if type(norm) not in _NORMS or norm.running_mean is None or norm.training:
+    if not (type(norm) in _NORMS or _is_norm_act(norm)) or norm.running_mean is None or norm.training:
         return False
     if type(conv) not in _CONVS or conv.out_channels != norm.num_features:
         return False
     return conv.weight.is_floating_point() and conv.weight.dtype == norm.running_mean.dtype
+
+
+def _is_norm_act(norm: nn.Module) -> bool:
+    """timm's BatchNormAct2d: a BatchNorm2d, then its ``drop`` and ``act`` modules."""
+    cls = type(norm)
+    return cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.") and isinstance(norm, nn.BatchNorm2d)
 
 
 @torch.no_grad()
