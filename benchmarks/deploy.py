@@ -19,6 +19,8 @@ for speed), BatchNorm statistics are those of a fresh model.
     python benchmarks/deploy.py                                  # the grid -> results/deploy.jsonl, .md
     python benchmarks/deploy.py --models resnet18 --sparsities 0.98 --batches 1
     python benchmarks/deploy.py --render                         # deploy.md again from deploy.jsonl
+    python benchmarks/deploy.py --profile resnet18 --masks erk --sparsities 0.98 --batches 1
+                                          # torch.profiler: where dense and accelerated spend a forward
 
 Cells already in the JSONL (same model, mask, sparsity, batch, threads, kernels) are skipped.
 """
@@ -295,6 +297,76 @@ def render_targets(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+CATEGORIES = {
+    "sparse matmul (MKL CSR)": ("aten::addmm", "aten::addmm_"),
+    "dense conv / linear": ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::linear",
+                            "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::mm"),
+    "BatchNorm": ("aten::batch_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit_no_training"),
+    "ReLU / add": ("aten::relu", "aten::relu_", "aten::clamp_min", "aten::clamp_min_", "aten::add", "aten::add_"),
+    "pooling": ("aten::max_pool2d_with_indices", "aten::max_pool2d", "aten::adaptive_avg_pool2d", "aten::mean",
+                "aten::avg_pool2d"),
+    "copies, padding, layout": ("aten::copy_", "aten::fill_", "aten::zero_", "aten::constant_pad_nd",
+                                "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::empty",
+                                "aten::empty_like", "aten::new_empty", "aten::new_zeros", "aten::zeros"),
+}  # fmt: skip
+
+
+def profile(args: argparse.Namespace) -> str:
+    """Self CPU time per forward by kind of op: dense, accelerated (torch kernels), accelerated (native)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model = pruned_model(args.profile, args.masks[0], args.sparsities[0])
+    x = torch.randn(args.batches[0], *MODELS[args.profile][1], generator=torch.Generator().manual_seed(1))
+    torch.set_num_threads(1)
+    variants = {"dense": model, "accelerated": deploy.accelerate(model, x, threads=1)}
+    if deploy.kernels.native_available()[0]:
+        variants["accelerated, native"] = deploy.accelerate(model, x, threads=1, native=True)
+    totals = {name: {} for name in variants}
+    walls = {name: 0.0 for name in variants}
+    with torch.inference_mode():
+        for fn in variants.values():
+            fn(x)
+        for _ in range(args.rounds):
+            for name, fn in variants.items():
+                with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                    start = time.perf_counter()
+                    fn(x)
+                    walls[name] += time.perf_counter() - start
+                for event in prof.key_averages():
+                    totals[name][event.key] = totals[name].get(event.key, 0.0) + event.self_cpu_time_total / 1e3
+    cell = f"{args.profile}, {args.masks[0]} {args.sparsities[0]:.0%}, batch {args.batches[0]}, 1 thread"
+    lines = [
+        f"# torch.profiler: {cell}",
+        "",
+        f"Milliseconds per forward by kind of op (self CPU time, mean of {args.rounds} interleaved profiled "
+        "forwards; 'outside torch ops' is wall time no aten op accounts for: Python, and the native kernel).",
+        "",
+        "| kind | " + " | ".join(variants) + " |",
+        "| --- |" + " --- |" * len(variants),
+    ]
+    kinds = [*CATEGORIES, "other torch ops", "outside torch ops", "wall"]
+    for kind in kinds:
+        cells = []
+        for name in variants:
+            ops = totals[name]
+            known = {op for members in CATEGORIES.values() for op in members}
+            if kind in CATEGORIES:
+                value = sum(ops.get(op, 0.0) for op in CATEGORIES[kind])
+            elif kind == "other torch ops":
+                value = sum(t for op, t in ops.items() if op not in known)
+            elif kind == "outside torch ops":
+                value = max(0.0, 1e3 * walls[name] - sum(ops.values()))
+            else:
+                value = 1e3 * walls[name]
+            cells.append(f"{value / args.rounds:.2f}")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    report = deploy.report(variants["accelerated"])
+    lines += ["", f"accelerate (torch kernels): {report.summary}", "", "```", str(report).rstrip(), "```", ""]
+    lines.append(f"Machine: {machine()['cpu']}, torch {machine()['torch']}, commit {machine()['commit']}.")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
@@ -310,8 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--native", action="store_true", help="accelerate(..., native=True): the compiled kernel too")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--render", action="store_true", help="only write deploy.md from deploy.jsonl")
+    parser.add_argument("--profile", metavar="MODEL", choices=list(MODELS), help="only profile one cell's forwards")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        text = profile(args)
+        (args.out / f"deploy_profile_{args.profile}.md").write_text(text)
+        print(text)
+        return 0
     jsonl, markdown = args.out / "deploy.jsonl", args.out / "deploy.md"
     if not args.render:
         done = {cell_key(r) for r in read_records(jsonl)}
