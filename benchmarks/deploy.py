@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--native", action="store_true", help="accelerate(..., native=True): the compiled kernel too")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--render", action="store_true", help="only write deploy.md from deploy.jsonl")
+    parser.add_argument("--redo", action="store_true", help="run finished cells again (the new record wins)")
     parser.add_argument("--profile", metavar="MODEL", choices=list(MODELS), help="only profile one cell's forwards")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     jsonl, markdown = args.out / "deploy.jsonl", args.out / "deploy.md"
     if not args.render:
-        done = {cell_key(r) for r in read_records(jsonl)}
+        done = set() if args.redo else {cell_key(r) for r in read_records(jsonl)}
         todo = [c for c in cells(args) if cell_key(c) not in done]
         print(f"{len(todo)} cells to run ({len(done)} already in {jsonl})", flush=True)
         sizes: dict[tuple, tuple[int, int]] = {}
