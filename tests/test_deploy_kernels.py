@@ -218,6 +218,14 @@ def test_native_conv_matches_dense(form: str, batch: int) -> None:
 
 
 @pytest.mark.slow
+def test_native_conv_refuses_other_dtypes() -> None:
+    kernel = native_conv()
+    sparse = kernel.from_conv(sparsify(nn.Conv2d(2, 2, 3), 0.5))
+    with pytest.raises(TostSurgeryError, match="(?s)computes in float32.*found: input torch.float64"):
+        sparse(torch.randn(1, 2, 5, 5, dtype=torch.float64))
+
+
+@pytest.mark.slow
 def test_native_conv1d_and_an_empty_weight_match_dense() -> None:
     kernel = native_conv()
     conv1d = sparsify(nn.Conv1d(8, 6, 3, stride=2, padding=2, dilation=2), density=0.3)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..._errors import TostSurgeryError
 from .csr_conv import ConvGeometry, CsrConv
 from .csr_linear import check_inference
 
@@ -184,6 +185,11 @@ def native_conv2d(
     offsets_cache: dict[tuple[int, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The conv of a 4-D float32 input on the compiled kernel."""
+    if x.dtype != torch.float32 or values.dtype != torch.float32:
+        raise TostSurgeryError(
+            "The native deploy kernel computes in float32;\nexpected: a float32 input and layer\n"
+            f"found: input {x.dtype}, weights {values.dtype}\nHint: accelerate the model in the dtype it will run in."
+        )
     geometry = ConvGeometry(tuple(kernel), tuple(stride), tuple(dilation), tuple(pads), padding_mode, groups, 2)
     if padding_mode != "zeros":
         x = F.pad(x, geometry.pads, mode=padding_mode)
