@@ -68,8 +68,7 @@ class PairedTimer:
     def __call__(self, layer: str, candidates: Mapping[str, Callable[[], object]]) -> Timing:
         names = list(candidates)
         with torch.inference_mode():
-            for fn in candidates.values():
-                fn()  # first call: allocator and MKL warm-up, not measured
+            # One call each sizes the turns and warms the allocator and MKL up; it is not a round.
             slowest = max(_seconds(fn, 1) for fn in candidates.values())
             repeats = int(min(self.max_repeats, max(1, self.turn_seconds / max(slowest, 1e-9))))
             per_round: dict[str, list[float]] = {name: [] for name in names}
