@@ -275,11 +275,13 @@ def render_targets(records: list[dict[str, Any]]) -> list[str]:
                 value = record["speedup"]["median"]
                 label = f"{what}{' (native kernel)' if native else ''}"
                 lines.append(f"| {label} | {value:.2f}x | {'yes' if value >= limit else 'no'} |")
-    if records:
-        worst = min(records, key=lambda r: r["speedup"]["median"])
+    one_thread = [r for r in records if r["threads"] == 1]  # the targets are stated at one thread
+    if one_thread:
+        worst = min(one_thread, key=lambda r: r["speedup"]["median"])
         value = worst["speedup"]["median"]
         where = f"{worst['model']} {worst['mask']} {worst['sparsity']:.2f} b{worst['batch']} t{worst['threads']}"
-        lines.append(f"| every cell >= 0.97x | lowest {value:.2f}x ({where}) | {'yes' if value >= 0.97 else 'no'} |")
+        met = "yes" if value >= 0.97 else "no"
+        lines.append(f"| every one-thread cell >= 0.97x | lowest {value:.2f}x ({where}) | {met} |")
     for mask, sparsity, limit in (("erk", 0.98, 0.08), ("erk", 0.95, 0.12)):
         record = next(
             (r for r in records if (r["model"], r["mask"], r["sparsity"]) == ("resnet18", mask, sparsity)), None

@@ -200,7 +200,7 @@ def test_deploy_smoke(tmp_path: Path) -> None:
         assert record["compressed_bytes"] < record["dense_bytes"] and record["mac_ratio"] > 1
         assert record["layers"] == 3 and {"cpu", "torch", "commit"} <= set(record)
     markdown = (tmp_path / "deploy.md").read_text()
-    assert markdown.count("| tiny_cnn |") == 2 and "| every cell >= 0.97x |" in markdown
+    assert markdown.count("| tiny_cnn |") == 2 and "| every one-thread cell >= 0.97x |" in markdown
     again = run("deploy.py", "--models", "tiny_cnn", "--masks", "erk", "--sparsities", "0.9", "--batches", "1",
                 "--two-threads", "--out", str(tmp_path))  # fmt: skip
     assert "0 cells to run" in again  # finished cells are skipped
