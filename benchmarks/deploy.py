@@ -292,10 +292,11 @@ def render_targets(records: list[dict[str, Any]]) -> list[str]:
                 f"| resnet18 checkpoint {mask.upper()} {sparsity:.0%} <= {limit:.0%} | {fraction:.1%} "
                 f"| {'yes' if fraction <= limit else 'no'} |"
             )
-    resnet50 = [r["accelerate_s"] for r in records if r["model"] == "resnet50"]
-    if resnet50:
-        met = "yes" if max(resnet50) <= 60 else "no"
-        lines.append(f"| accelerate(resnet50) <= 60 s | longest {max(resnet50):.1f} s | {met} |")
+    for batch in sorted({r["batch"] for r in records if r["model"] == "resnet50"}):
+        cells = [r for r in records if (r["model"], r["batch"], r["threads"]) == ("resnet50", batch, 1)]
+        seconds = [r["accelerate_s"] for r in cells]
+        met = "yes" if max(seconds) <= 60 else "no"
+        lines.append(f"| accelerate(resnet50) <= 60 s, batch {batch} | longest {max(seconds):.1f} s | {met} |")
     return lines
 
 
