@@ -59,7 +59,7 @@ class PairedTimer:
         >>> timing = PairedTimer(rounds=5)("fc", {"dense": dense_fn, "csr": csr_fn})
     """
 
-    rounds: int = 9
+    rounds: int = 7
     turn_seconds: float = 2e-3
     max_repeats: int = 50
     min_rounds: int = 3
