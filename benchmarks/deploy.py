@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     jsonl, markdown = args.out / "deploy.jsonl", args.out / "deploy.md"
     if not args.render:
+        machine()  # the commit as the run starts, not as its first cell ends
         done = set() if args.redo else {cell_key(r) for r in read_records(jsonl)}
         todo = [c for c in cells(args) if cell_key(c) not in done]
         print(f"{len(todo)} cells to run ({len(done)} already in {jsonl})", flush=True)
