@@ -260,3 +260,16 @@ def test_without_a_compiler_native_warns_and_the_torch_kernels_run(monkeypatch: 
     report = deploy.report(fast)
     assert all(row.kernel != "native" for row in report.rows)
     assert any("torch-only kernels ran" in note for note in report.notes)
+
+
+@pytest.mark.slow
+def test_a_model_on_the_native_kernel_exports() -> None:
+    kernel = native_conv()
+    model = nn.Sequential(sparsify(nn.Conv2d(3, 8, 3, stride=2, padding=1), 0.3), nn.ReLU()).eval()
+    fast = nn.Sequential(kernel.from_conv(model[0]), nn.ReLU())
+    x = torch.randn(2, 3, 9, 9)
+    exported = torch.export.export(fast, (x,))
+    assert "tost_surgery_deploy.native_conv.default" in {str(n.target) for n in exported.graph.nodes}
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x), fast(x))
+        assert_close(model(x), exported.module()(x))

@@ -8,8 +8,10 @@ computed on the buffer's full width and the few columns past the output's edge a
 A stride ``s`` splits the padded input into ``s x s`` phase planes first, so every tap of a
 strided conv is again a plain shift. Groups become block-diagonal tap matrices.
 
-Measured against unfold + CSR (0.18-2.7x of dense): 2.3-6.6x at 1-2% density, 1.5-2.2x at
-5-10%, resnet18's 3x3 shapes at batch 1, one thread.
+Measured here against the dense conv (Intel Xeon, one thread, batch 1, resnet18's stride-1 3x3
+shapes, 64x56x56 to 512x7x7): 3.6-8.5x at 2% density, 2.9-4.3x at 5%, 2.1-3.1x at 10%. (The
+prototype this follows measured unfold + CSR at 0.18-2.7x of dense.) The 3-channel 7x7 stem
+never wins (0.27-0.37x at 2-20%).
 
 A 1x1 conv with stride 1 and no padding reads each image in place instead:
 ``out[n].view(O, HW).addmm_(W, x[n].view(C, HW))`` (no copy in, none out).
