@@ -2,7 +2,7 @@
 
 With the activations feature-major (``x.T``) MKL's row-major SpMM beats the dense layer.
 Measured here (Intel Xeon, one thread, 512 -> 1000, against ``F.linear``): 2.3-3.9x at 2%
-density and 1.2-1.6x at 5-10% at batch 1; 3.4-4.6x at 2-10% at batch 32.
+density and 1.2-2.4x at 5-10% at batch 1; 3.4-4.6x at 2-10% at batch 32.
 ``F.linear(x, W_csr)`` and ``x @ W_csc`` take MKL's column-major route instead: 1.3-1.5x
 slower than this at batch 1 and 7-17x at batch 32, slower than dense. Do not "simplify" to
 those.
