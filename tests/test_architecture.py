@@ -43,8 +43,12 @@ def _runtime_imports_of(node: ast.AST):
         yield from _runtime_imports(node)
 
 
-def _targets(module: str, is_package: bool, node: ast.AST) -> list[str]:
-    """The package modules an import statement loads (a submodule loads its packages' ``__init__`` too)."""
+def _targets(module: str, is_package: bool, node: ast.AST, modules: set[str]) -> list[str]:
+    """The package modules an import statement loads (a submodule loads its packages' ``__init__`` too).
+
+    ``from . import sub`` of a submodule ``sub`` loads ``sub`` only: the package it is in is
+    already being imported, and no name is read from it.
+    """
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
     else:
@@ -54,7 +58,8 @@ def _targets(module: str, is_package: bool, node: ast.AST) -> list[str]:
             prefix = ".".join(base + ([node.module] if node.module else []))
         else:
             prefix = node.module or ""
-        names = [prefix] + [f"{prefix}.{alias.name}" for alias in node.names]
+        subs = [f"{prefix}.{alias.name}" for alias in node.names]
+        names = subs if all(sub in modules for sub in subs) else [prefix, *subs]
     home = module if is_package else module.rpartition(".")[0]
     loaded = []
     for name in names:
@@ -74,7 +79,7 @@ def import_graph() -> dict[str, set[str]]:
         is_package = path.name == "__init__.py"
         edges = set()
         for node in _runtime_imports(ast.parse(path.read_text())):
-            edges.update(t for t in _targets(module, is_package, node) if t in files and t != module)
+            edges.update(t for t in _targets(module, is_package, node, set(files)) if t in files and t != module)
         graph[module] = edges
     return graph
 

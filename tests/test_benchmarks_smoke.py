@@ -1,4 +1,4 @@
-"""Smoke runs of ``benchmarks/accuracy.py``, ``overhead.py`` and ``gpu_check.py`` at tiny sizes.
+"""Smoke runs of ``benchmarks/accuracy.py``, ``overhead.py``, ``gpu_check.py`` and ``deploy.py`` at tiny sizes.
 
 They check that the scripts run end to end and write their files with the expected columns;
 never a timing or an accuracy.
@@ -259,3 +259,27 @@ def test_gpu_check_report_needs_the_directory_of_its_json(capsys: pytest.Capture
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--report"])
     assert "--report reads <out>/gpu_check.json: pass --out DIR" in capsys.readouterr().err
+
+
+def test_deploy_smoke(tmp_path: Path) -> None:
+    run(
+        "deploy.py", "--models", "tiny_cnn", "--masks", "erk", "uniform", "--sparsities", "0.9", "--batches", "1",
+        "--two-threads", "--rounds", "2", "--turn-seconds", "0.001", "--out", str(tmp_path),
+    )  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "deploy.jsonl").read_text().splitlines()]
+    assert sorted((r["model"], r["mask"], r["batch"], r["threads"]) for r in records) == [
+        ("tiny_cnn", "erk", 1, 1), ("tiny_cnn", "uniform", 1, 1),
+    ]  # fmt: skip
+    for record in records:
+        assert set(record["ms"]) == {"dense", "accelerated", "dense_cl"}
+        assert record["speedup"]["q1"] <= record["speedup"]["median"] <= record["speedup"]["q3"]
+        assert record["compressed_bytes"] < record["dense_bytes"] and record["mac_ratio"] > 1
+        assert record["layers"] == 3 and {"cpu", "torch", "commit"} <= set(record)
+    markdown = (tmp_path / "deploy.md").read_text()
+    assert markdown.count("| tiny_cnn |") == 2 and "| every one-thread cell >= 0.97x |" in markdown
+    again = run("deploy.py", "--models", "tiny_cnn", "--masks", "erk", "--sparsities", "0.9", "--batches", "1",
+                "--two-threads", "--out", str(tmp_path))  # fmt: skip
+    assert "0 cells to run" in again  # finished cells are skipped
+    (tmp_path / "deploy.md").unlink()
+    run("deploy.py", "--render", "--out", str(tmp_path))
+    assert (tmp_path / "deploy.md").read_text() == markdown

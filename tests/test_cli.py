@@ -158,3 +158,49 @@ def test_python_dash_m_entry_point() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "ToST plan for TinyNet" in out.stdout
+
+
+def test_deploy_command_on_a_model_spec(capsys, tmp_path) -> None:
+    path = tmp_path / "tiny.tost.pt"
+    data = run_json(
+        capsys, "deploy", "tests.conftest:TinyNet", "--sparsity", "0.9", "--input-size", "3", "16", "16",
+        "--save", str(path),
+    )  # fmt: skip
+    rows = {row["name"]: row for row in data["report"]["rows"]}
+    assert set(rows) == {"conv1", "conv2", "conv3", "fc"}
+    assert all(row["density"] < 0.5 for row in rows.values()) and rows["conv2"]["folded"] == "bn2"
+    assert data["report"]["speedup"] > 0 and data["report"]["threads"] == 1
+    sizes = data["checkpoint"]
+    assert path.stat().st_size == sizes["compressed_bytes"] < sizes["dense_bytes"]
+    assert main(["deploy", "tests.conftest:TinyNet", "--checkpoint", str(path), "--input-size", "3", "16", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "end to end" in out and "with deploy.save" in out
+
+
+def test_deploy_command_on_a_plain_checkpoint(capsys, tmp_path, tiny) -> None:
+    torch.save(tiny.state_dict(), tmp_path / "dense.pt")
+    data = run_json(capsys, "deploy", "tests.conftest:TinyNet", "--checkpoint", str(tmp_path / "dense.pt"),
+                    "--input-size", "3", "16", "16")  # fmt: skip
+    # A dense model: nothing is sparse enough to try CSR on.
+    assert all(row["kernel"] != "csr" for row in data["report"]["rows"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["deploy", "tests.conftest:TinyNet"], "Hint: --input-size C H W"),
+        (["deploy", "tests.conftest:TinyNet", "--checkpoint", "/nonexistent.pt", "--input-size", "3", "8", "8"],
+         "No checkpoint"),
+    ],
+)  # fmt: skip
+def test_deploy_command_errors(capsys, argv, message) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_deploy_command_on_a_checkpoint_of_another_model(capsys, tmp_path) -> None:
+    torch.save({"weight": torch.ones(2, 2)}, tmp_path / "other.pt")
+    other = str(tmp_path / "other.pt")
+    argv = ["deploy", "tests.conftest:TinyNet", "--checkpoint", other, "--input-size", "3", "8", "8"]
+    assert main(argv) == 2
+    assert "does not fit 'tests.conftest:TinyNet'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Smoke test of the project's main job: ``examples/demo.py --quick`` runs end to end."""
+"""Smoke test of the project's main job: ``examples/demo.py --quick`` runs end to end, deploy included."""
 
 from __future__ import annotations
 
@@ -25,4 +25,6 @@ def test_demo_quick_runs_end_to_end() -> None:
     assert "Test accuracy" in output and "difference" in output, output
     assert output.count("(exactly zero: yes)") == 2, output
     assert "torch.export: ToST model ->" in output and "matches eager: yes" in output, output
+    assert "deploy.load gives it back exactly: yes" in output, output
+    assert "deploy.accelerate: torchvision resnet18, ERK 98%" in output and "end to end" in output, output
     assert "Total wall time" in output, output

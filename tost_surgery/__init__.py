@@ -9,7 +9,7 @@ Example:
     >>> clean = tost.finalize(model)
 """
 
-from . import init, masks
+from . import deploy, init, masks
 from ._distributed import check_masks_match
 from ._errors import MaskError, RecipeError, StateError, TostSurgeryError, TostSurgeryWarning, TraceError
 from ._plan import Plan, plan
@@ -34,6 +34,7 @@ __all__ = [
     "TraceError",
     "bind",
     "check_masks_match",
+    "deploy",
     "finalize",
     "graph",
     "init",

@@ -140,6 +140,18 @@ def _parser() -> argparse.ArgumentParser:
     r = commands.add_parser("report", help="per-layer densities of a saved state_dict (finalized or prepared)")
     r.add_argument("checkpoint")
     r.add_argument("--json", action="store_true")
+    d = commands.add_parser("deploy", help="accelerate a sparse model on the CPU: per-layer kernels, speedup, sizes")
+    d.add_argument("model", help="tv:NAME, timm:NAME or module:callable")
+    d.add_argument("--checkpoint", help="its weights: a state_dict file (torch.save or deploy.save)")
+    d.add_argument("--mask", default="erk", help=f"without --checkpoint: {', '.join(MASK_METHODS)}, or a FILE")
+    d.add_argument("--sparsity", type=float, help="without --checkpoint: zero this fraction of weights by --mask")
+    d.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    d.add_argument("--batch", type=int, default=1)
+    d.add_argument("--threads", type=int, default=1)
+    d.add_argument("--min-speedup", type=float, default=1.1)
+    d.add_argument("--save", metavar="FILE", help="write the compressed checkpoint here")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", action="store_true")
     return parser
 
 
@@ -150,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plan":
             result = _plan(args)
+        elif args.command == "deploy":
+            result = _deploy(args)
         else:
             result = _report(args.checkpoint)
     except TostSurgeryError as error:
@@ -172,6 +186,40 @@ def _plan(args: argparse.Namespace):
     else:
         recipe = Recipe.baseline(**settings)
     return plan(model, mask, recipe, input_size=input_size)
+
+
+def _deploy(args: argparse.Namespace):
+    from . import deploy
+
+    model, default_size = build_model(args.model)
+    input_size = tuple(args.input_size) if args.input_size else default_size
+    if input_size is None:
+        raise TostSurgeryError(f"deploy needs an input size for {args.model!r}.\nHint: --input-size C H W")
+    if args.checkpoint:
+        state = deploy.load(args.checkpoint) if deploy.is_checkpoint(args.checkpoint) else _state_dict(args.checkpoint)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise TostSurgeryError(
+                f"{args.checkpoint!r} does not fit {args.model!r}: {error}\nHint: pass the model it was saved from."
+            ) from error
+    elif args.sparsity is not None:
+        with torch.no_grad():
+            for name, keep in _mask(model, args.mask, args.sparsity, args.seed, input_size).items():
+                model.get_parameter(name).mul_(keep)
+    example = torch.randn(args.batch, *input_size, generator=torch.Generator().manual_seed(args.seed))
+    fast = deploy.accelerate(model.eval(), example, min_speedup=args.min_speedup, threads=args.threads)
+    return deploy.DeploySummary(deploy.report(fast), *deploy.checkpoint_bytes(model, args.save))
+
+
+def _state_dict(path: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise TostSurgeryError(f"No checkpoint at {path!r}.") from error
+    if not isinstance(state, dict):
+        raise TostSurgeryError(f"{path!r} holds a {type(state).__name__}, not a state_dict.")
+    return state
 
 
 def _report(path: str):
