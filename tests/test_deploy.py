@@ -151,6 +151,8 @@ def test_report_is_plain_data_and_a_table(net: Net, x: torch.Tensor) -> None:
     assert data["mac_ratio"] == pytest.approx(sum(r["macs"] for r in data["rows"]) / nonzero)
     text = str(report)
     assert "conv1" in text and "+ bn1" in text and "end to end 2.00x" in text
+    # tost.report of the copy is the same report: its CSR layers hold no weight parameter to count
+    assert tost.report(fast) is report and tost.report(net).to_dict()["rows"][0]["name"] == "conv1.weight"
 
 
 def test_threads_are_set_for_the_decision_and_restored(net: Net, x: torch.Tensor) -> None:

@@ -17,6 +17,9 @@ LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
+DEPLOY_REPORT_ATTRIBUTE = "_tost_deploy_report"
+"""Where ``deploy.accelerate`` keeps its per-layer decisions on the copy it returns."""
+
 
 def is_real(value: object) -> bool:
     """A real number (numpy's too), not a bool: ``warmup=True`` is a mistake, not 1.0."""

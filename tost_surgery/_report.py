@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -13,12 +13,15 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
-from ._checks import is_prepared
+from ._checks import DEPLOY_REPORT_ATTRIBUTE, is_prepared
 from ._errors import MaskError
 from ._masking import MaskEntry
 from ._modules import Scaffold
 from ._scope import prunable_weights
 from ._techniques import TECHNIQUES
+
+if TYPE_CHECKING:
+    from .deploy import DeployReport
 
 
 @dataclass(frozen=True)
@@ -86,18 +89,22 @@ class Report:
         return console.export_text()
 
 
-def report(model_or_mask: nn.Module | Mapping[str, torch.Tensor]) -> Report:
+def report(model_or_mask: nn.Module | Mapping[str, torch.Tensor]) -> Report | DeployReport:
     """Layer-by-layer density of a mask, a plain (e.g. finalized) model, or a prepared model.
 
     - a mask ``{name: 0/1 or bool tensor}``: what it keeps;
     - a plain model: its prunable weights (see ``masks.prunable_weights``), kept = not exactly zero;
-    - a prepared model: the masks of its parametrizations, with each layer's scaffolding.
+    - a prepared model: the masks of its parametrizations, with each layer's scaffolding;
+    - a copy made by ``deploy.accelerate``: its per-layer decisions (``deploy.report``), whose
+      sparse layers hold their weights as CSR buffers, not parameters.
 
     Example:
         >>> print(tost_surgery.report(model))
         >>> rich.print(tost_surgery.report(mask))
     """
     if isinstance(model_or_mask, nn.Module):
+        if (deployed := getattr(model_or_mask, DEPLOY_REPORT_ATTRIBUTE, None)) is not None:
+            return deployed
         if is_prepared(model_or_mask):
             return _prepared_report(model_or_mask, model_or_mask.tost)
         weights = prunable_weights(model_or_mask)

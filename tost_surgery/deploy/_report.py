@@ -11,9 +11,8 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
+from .._checks import DEPLOY_REPORT_ATTRIBUTE as _ATTRIBUTE
 from .._errors import TostSurgeryError
-
-_ATTRIBUTE = "_tost_deploy_report"
 
 
 @dataclass(frozen=True)
