@@ -26,7 +26,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import cifar_models  # noqa: E402
-from cifar_models import BasicBlock  # noqa: E402  (1x1 conv-BN shortcuts: the prototype's "option B" block)
+from cifar_models import BasicBlock  # noqa: E402  (1x1 conv-BN shortcuts: "option B")
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
 SPLIT_SEED = 0
@@ -40,9 +40,8 @@ class ResNetCifar(nn.Module):
     """He et al.'s CIFAR ResNet (6n+2 layers): 16-32-64 channels, global average pool, linear head.
 
     Deliberately not ``examples/cifar_models.py``'s ResNet-20 (parameter-free "option A" shortcuts):
-    its blocks have 1x1 conv-BN shortcuts, like the prototype's network in ``../shared/EXPERIMENTS.md``
-    (0.27M parameters), so the grid's numbers compare with it, and the runs in ``results/accuracy.jsonl``
-    used it.
+    its blocks have 1x1 conv-BN shortcuts ("option B", 0.27M parameters), the network every run in
+    ``results/accuracy.jsonl`` used.
     """
 
     def __init__(self, blocks_per_stage: int = 3, num_classes: int = 10, width: int = 16) -> None:

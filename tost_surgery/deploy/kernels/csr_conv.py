@@ -9,8 +9,8 @@ A stride ``s`` splits the padded input into ``s x s`` phase planes first, so eve
 strided conv is again a plain shift. Groups become block-diagonal tap matrices.
 
 Measured here against the dense conv (Intel Xeon, one thread, batch 1, resnet18's stride-1 3x3
-shapes, 64x56x56 to 512x7x7): 3.6-8.5x at 2% density, 2.9-4.3x at 5%, 2.1-3.1x at 10%. (The
-prototype this follows measured unfold + CSR at 0.18-2.7x of dense.) The 3-channel 7x7 stem
+shapes, 64x56x56 to 512x7x7): 3.6-8.5x at 2% density, 2.9-4.3x at 5%, 2.1-3.1x at 10%
+(unfold + CSR, the usual route, measured 0.18-2.7x of dense). The 3-channel 7x7 stem
 never wins (0.27-0.37x at 2-20%).
 
 A 1x1 conv with stride 1 and no padding reads each image in place instead:
