@@ -1,7 +1,9 @@
 """Data-parallel training on CPU (gloo, two local processes): DDP and FSDP2 match one process.
 
-Each test starts ``WORLD`` processes on 127.0.0.1 (forked where the platform allows it: a
-spawned child re-imports torch, which costs seconds), runs one scenario in each and saves
+Each test starts ``WORLD`` processes on 127.0.0.1 (from a fork server that has imported torch,
+where the platform has one: a spawned child re-imports torch, which costs seconds; a plain fork
+of the test process inherits its autograd state, and once a test has run autograd's device
+threads, as ``torch.export`` does, a forked child cannot run backward), runs one scenario in each and saves
 what it saw to ``tmp_path``; the assertions run here. The one-process reference sees the same
 global batch as the same per-rank shards (``WORLD`` micro-batches, gradients accumulated), so
 each BatchNorm, the ghost skips' own included, normalizes over the same samples as under DDP;
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import multiprocessing
 import os
 import signal
 import socket
@@ -54,7 +57,7 @@ STEPS = 6
 RECIPE = dict(total_steps=8, warmup=0.5, neuron_warmup=0.25)
 """Ghost neurons retire after 2 optimizer steps, ghost skips after 4 (of the ``STEPS`` run)."""
 TIMEOUT_S = 150
-START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
 ATOL = 1e-5
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
 
@@ -387,6 +390,8 @@ def run_processes(scenario: str, tmp_path: Path) -> list[dict]:
     import torch._dynamo  # noqa: F401 - DDP imports it: once here, not once per process
     import torch.distributed.fsdp  # noqa: F401
 
+    if START_METHOD == "forkserver":  # the server imports these once; each child is a fork of it
+        multiprocessing.set_forkserver_preload([__name__, "torch._dynamo", "torch.distributed.fsdp"])
     context = mp.start_processes(
         _process, args=(scenario, _free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method=START_METHOD
     )
