@@ -23,176 +23,69 @@ start from the same masked network and see the same batches.
     python benchmarks/accuracy.py --grid main --device cuda --jobs 4  # on a GPU
     python benchmarks/accuracy.py --eval-on val --variants tost --set warmup=0.6   # tuning (never on test)
     python benchmarks/accuracy.py --report                             # tables + plot from the jsonl only
+
+This file plans the grid and runs it (one worker per run); ``accuracy_keys.py`` says what a run
+is and reads the jsonl, and ``accuracy_report.py`` builds the report from the jsonl alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import math
+import multiprocessing as mp
 import os
 import platform
 import socket
-import statistics
-import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cifar  # noqa: E402  (benchmarks/ is not a package)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+import cifar  # noqa: E402
+from _common import RESULTS, cpu_model, git_state, library_fingerprint  # noqa: E402
+from accuracy_keys import (  # noqa: E402, F401 - RECIPE_DEFAULTS, labels_of, record_id: re-exported for tests
+    ABLATION_SPARSITY,
+    ABLATION_VARIANTS,
+    EXTRA_MASKS,
+    MAIN_VARIANTS,
+    MASKS,
+    RECIPE_DEFAULTS,
+    SEEDS,
+    SPARSITIES,
+    VARIANTS,
+    RunKey,
+    labels_of,
+    read_results,
+    recipe_for,
+    record_id,
+)
+from accuracy_report import write_report  # noqa: E402
 
 import tost_surgery as tost  # noqa: E402
 
-ROOT = cifar.ROOT
-DEFAULT_OUT = ROOT / "benchmarks" / "results"
-MASKS = ("erk", "snip", "synflow")
-EXTRA_MASKS = ("random",)
-SPARSITIES = (0.9, 0.95, 0.98)
-SEEDS = (0, 1, 2)
-ABLATION_SPARSITY = 0.98
-MAIN_VARIANTS = ("baseline", "tost")
-TECHNIQUES = {t.name: dict(t.off) for t in tost.Recipe.techniques()}
-"""technique -> the Recipe fields that turn it off (the library's table of techniques)."""
-ABLATION_VARIANTS = tuple(f"only_{t}" for t in TECHNIQUES) + tuple(f"no_{t}" for t in TECHNIQUES)
-VARIANTS = MAIN_VARIANTS + ABLATION_VARIANTS
+DEFAULT_OUT = RESULTS
 SNIP_BATCHES = 2
 """SNIP scores on this many (unaugmented) training batches of 128, in the seed's order."""
 GRADINIT_STEPS = 100
 """Steps of :func:`tost_surgery.init.gradinit` for ``rescale_rule="gradinit"`` (its default)."""
 GRADINIT_BATCHES = 24
 """Unaugmented training batches of 128 it reads, in the seed's order (3 per step, reused in turn)."""
+CODE_PATHS = ("tost_surgery", "benchmarks/accuracy.py", "benchmarks/accuracy_keys.py", "benchmarks/cifar.py")
+"""What decides a run's result besides its key: a record lists those that differ from its commit."""
 
 
-# --------------------------------------------------------------------------- runs
-
-
-@dataclass(frozen=True)
-class RunKey:
-    """Everything that decides a run's result (besides the code and the machine)."""
-
-    arch: str
-    mask: str
-    sparsity: float
-    seed: int
-    variant: str
-    epochs: int
-    eval: str
-    val_split: float = 0.1
-    subset: int | None = None
-    overrides: tuple[tuple[str, Any], ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["overrides"] = dict(self.overrides)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunKey:
-        data = dict(data)
-        data["overrides"] = tuple(sorted(data.get("overrides", {}).items()))
-        return cls(**data)
-
-    def protocol(self) -> dict[str, Any]:
-        """The key without the Recipe's names (variant, overrides)."""
-        data = self.to_dict()
-        del data["variant"], data["overrides"]
-        return data
-
-    def recipe(self) -> dict[str, Any]:
-        """The resolved Recipe fields (``total_steps`` left out: it follows from the protocol)."""
-        return recipe_fields(recipe_for(self.variant, 1, dict(self.overrides)).to_dict())
-
-    @property
-    def id(self) -> str:
-        return content_id(self.protocol(), self.recipe())
-
-    def label(self) -> str:
-        extra = "".join(f" {k}={v}" for k, v in self.overrides)
-        return f"{self.arch} {self.mask} s={self.sparsity} seed={self.seed} {self.variant}{extra} ({self.eval})"
-
-
-RECIPE_DEFAULTS = {f.name: f.default for f in fields(tost.Recipe) if f.default is not MISSING}
-BEFORE_ADDED = {"skip_pointwise": True}
-"""What a field added to Recipe later was, in effect, before it existed (when it differs from today's default)."""
-SETTINGS_OF = {t.switch: t.settings for t in tost.Recipe.techniques()}
-"""switch -> the fields that only matter while it is on (label smoothing's schedule, while it is above 0)."""
-
-
-def recipe_fields(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The fields that decide a run, in canonical form: without ``total_steps``, without the
-    settings of a technique that is off, and with fields a record predates filled in as they
-    behaved then."""
-    filled = {**RECIPE_DEFAULTS, **BEFORE_ADDED, **recipe}
-    filled.pop("total_steps", None)
-    for switch, settings in SETTINGS_OF.items():
-        if not filled[switch]:
-            for name in settings:
-                filled.pop(name)
-    return filled
-
-
-def content_id(protocol: dict[str, Any], recipe: dict[str, Any]) -> str:
-    text = json.dumps({"protocol": protocol, "recipe": recipe}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def record_id(record: dict[str, Any]) -> str:
-    """The id of the run a record holds, from the Recipe it actually trained with."""
-    return content_id(RunKey.from_dict(record["key"]).protocol(), recipe_fields(record["recipe"]))
-
-
-def labels_of(record: dict[str, Any]) -> list[tuple[str, str]]:
-    """Every (variant, overrides JSON) whose Recipe is, with today's defaults, the one the record used.
-
-    A record whose own name means another Recipe today (a default changed since) is labelled by its
-    variant and the overrides that give back the Recipe it used, e.g. ``tost`` with
-    ``{"skip_pointwise": true}``.
-    """
-    used = recipe_fields(record["recipe"])
-    key = record["key"]
-    labels = [(v, "{}") for v in VARIANTS if recipe_fields(recipe_for(v, 1, {}).to_dict()) == used]
-    # Overrides a default has since caught up with name nothing: ``--set skip_branch=auto`` is ``tost`` today.
-    plain = recipe_for(key["variant"], 1, {}).to_dict()
-    needed = {k: v for k, v in key["overrides"].items() if plain.get(k) != v}
-    own = (key["variant"], json.dumps(needed, sort_keys=True))
-    if own not in labels and recipe_fields(recipe_for(own[0], 1, key["overrides"]).to_dict()) == used:
-        labels.append(own)
-    if not labels:
-        now = recipe_fields(recipe_for(key["variant"], 1, key["overrides"]).to_dict())
-        diff = {**key["overrides"], **{k: v for k, v in used.items() if now.get(k) != v}}
-        if recipe_fields(recipe_for(key["variant"], 1, diff).to_dict()) == used:
-            labels.append((key["variant"], json.dumps(diff, sort_keys=True)))
-    return labels
-
-
-def recipe_for(variant: str, total_steps: int, overrides: dict[str, Any]) -> tost.Recipe:
-    """The Recipe of a variant: ``baseline``, ``tost``, ``only_<technique>`` or ``no_<technique>``.
-
-    Ablations start from ``Recipe.tost`` so each technique keeps the recipe's settings;
-    ``overrides`` (from ``--set``) apply last.
-    """
-    if variant == "baseline":
-        return tost.Recipe.baseline(**overrides)
-    if variant == "tost":
-        return tost.Recipe.tost(total_steps, **overrides)
-    kind, _, technique = variant.partition("_")
-    if technique not in TECHNIQUES or kind not in ("only", "no"):
-        raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
-    off: dict[str, Any] = {}
-    for name, switched_off in TECHNIQUES.items():
-        if (kind == "no") == (name == technique):
-            off.update(switched_off)
-    return tost.Recipe.tost(total_steps, **{**off, **overrides})
+# --------------------------------------------------------------------------- one run
 
 
 def seeded_batches(x: torch.Tensor, y: torch.Tensor, seed: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -222,33 +115,38 @@ def _sha(tensors: Iterator[torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_one(key: RunKey, data_path: str, device: str, threads: int, log=print) -> dict[str, Any]:
-    """Train one run and return its record (what goes in the jsonl)."""
-    torch.set_num_threads(threads)
-    started = time.perf_counter()
-    data = cifar.load_cifar(data_path, val_split=key.val_split, subset=key.subset, device="cpu")
-    config = cifar.TrainConfig(epochs=key.epochs)
-    total_steps = config.total_steps(len(data.y_train))
-    recipe = recipe_for(key.variant, total_steps, dict(key.overrides))
-
+def _seeded_start(key: RunKey, data: cifar.CifarData) -> tuple[torch.nn.Module, dict, dict[str, str]]:
+    """The seeded network and its mask, both made on the CPU, and their fingerprints."""
     torch.manual_seed(key.seed)
     model = cifar.ARCHITECTURES[key.arch]()
     init_sha = _sha(iter(model.state_dict().values()))
     mask = make_mask(model, key.mask, key.sparsity, key.seed, data)
-    mask_sha = _sha(mask[name] for name in sorted(mask))
-    if device != "cpu":
-        data = cifar.CifarData(*(getattr(data, f).to(device) for f in cifar.CifarData.__dataclass_fields__))
-        model.to(device)
-        mask = {name: m.to(device) for name, m in mask.items()}
-    prepare_start = time.perf_counter()
+    return model, mask, {"mask_sha": _sha(mask[name] for name in sorted(mask)), "init_sha": init_sha}
+
+
+def _to_device(model: torch.nn.Module, mask: dict, data: cifar.CifarData, device: str) -> tuple[dict, cifar.CifarData]:
+    if device == "cpu":
+        return mask, data
+    model.to(device)
+    data = cifar.CifarData(*(getattr(data, f).to(device) for f in cifar.CifarData.__dataclass_fields__))
+    return {name: m.to(device) for name, m in mask.items()}, data
+
+
+def _prepare(model: torch.nn.Module, mask: dict, recipe: tost.Recipe, data: cifar.CifarData, seed: int) -> dict:
+    """``tost.prepare``, then GradInit where the recipe asks; their times and GradInit's report."""
+    start = time.perf_counter()
     tost.prepare(model, mask, recipe)
-    prepare_s = time.perf_counter() - prepare_start
-    gradinit: dict[str, Any] = {}
+    timings: dict[str, Any] = {"prepare_s": round(time.perf_counter() - start, 3)}
     if recipe.rescale_init and recipe.rescale_rule == "gradinit":  # a learned scale per layer, before training
-        gradinit_start = time.perf_counter()
-        batches = seeded_batches(data.x_train, data.y_train, key.seed, GRADINIT_BATCHES)
+        start = time.perf_counter()
+        batches = seeded_batches(data.x_train, data.y_train, seed, GRADINIT_BATCHES)
         report = tost.init.gradinit(model, batches, steps=GRADINIT_STEPS)
-        gradinit = {"gradinit": report.to_dict(), "gradinit_s": round(time.perf_counter() - gradinit_start, 2)}
+        timings.update(gradinit=report.to_dict(), gradinit_s=round(time.perf_counter() - start, 2))
+    return timings
+
+
+def _train(model: torch.nn.Module, data: cifar.CifarData, config: cifar.TrainConfig, key: RunKey, log) -> tuple:
+    """Train with the recipe's label smoothing and schedule; the history and the seconds it took."""
 
     def on_epoch(e: cifar.EpochLog) -> None:
         log(
@@ -256,7 +154,7 @@ def run_one(key: RunKey, data_path: str, device: str, threads: int, log=print) -
             f" train acc {e.accuracy:.4f} ({e.seconds:.1f} s)"
         )
 
-    train_start = time.perf_counter()
+    start = time.perf_counter()
     history = cifar.train(
         model,
         data,
@@ -266,50 +164,58 @@ def run_one(key: RunKey, data_path: str, device: str, threads: int, log=print) -
         after_optimizer=lambda optimizer: tost.bind(model, optimizer),
         on_epoch=on_epoch,
     )
-    train_s = time.perf_counter() - train_start
-    tost.finalize(model)  # evaluate the plain sparse model the user gets
-    masked_nonzero = sum(int((model.get_parameter(n)[~m.bool()] != 0).sum()) for n, m in mask.items())
-    x_eval, y_eval = data.eval_split("val")
-    record: dict[str, Any] = {
-        "key": key.to_dict(),
-        "id": key.id,
-        "val_acc": cifar.evaluate(model, x_eval, y_eval),
+    return history, round(time.perf_counter() - start, 2)
+
+
+def _evaluation(model: torch.nn.Module, mask: dict, data: cifar.CifarData, key: RunKey, history: list) -> dict:
+    """The finalized model's accuracies, its last epoch, and the masked weights that are not zero."""
+    return {
+        "val_acc": cifar.evaluate(model, *data.eval_split("val")),
         "test_acc": cifar.evaluate(model, *data.eval_split("test")) if key.eval == "test" else None,
         "train_loss": history[-1].loss,
         "train_acc": history[-1].accuracy,
         "epoch_s": [round(e.seconds, 2) for e in history],
+        "masked_nonzero": sum(int((model.get_parameter(n)[~m.bool()] != 0).sum()) for n, m in mask.items()),
+    }
+
+
+def run_one(key: RunKey, data_path: str, device: str, threads: int, log=print) -> dict[str, Any]:
+    """Train one run and return its record (what goes in the jsonl)."""
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    data = cifar.load_cifar(data_path, val_split=key.val_split, subset=key.subset, device="cpu")
+    config = cifar.TrainConfig(epochs=key.epochs)
+    total_steps = config.total_steps(len(data.y_train))
+    recipe = recipe_for(key.variant, total_steps, dict(key.overrides))
+    model, mask, shas = _seeded_start(key, data)
+    mask, data = _to_device(model, mask, data, device)
+    timings = _prepare(model, mask, recipe, data, key.seed)
+    history, train_s = _train(model, data, config, key, log)
+    tost.finalize(model)  # evaluate the plain sparse model the user gets
+    return {
+        "key": key.to_dict(),
+        "id": key.id,
+        **_evaluation(model, mask, data, key, history),
         "wall_s": round(time.perf_counter() - started, 2),
-        "train_s": round(train_s, 2),
-        "prepare_s": round(prepare_s, 3),
-        **gradinit,
+        "train_s": train_s,
+        **timings,
         "steps": total_steps,
         "kept": int(sum(int(m.sum()) for m in mask.values())),
         "total": int(sum(m.numel() for m in mask.values())),
-        "masked_nonzero": masked_nonzero,
-        "mask_sha": mask_sha,
-        "init_sha": init_sha,
+        **shas,
         "recipe": recipe.to_dict(),
         **machine(device, threads),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    return record
-
-
-def library_fingerprint() -> str:
-    """sha256 of the library's sources as this process imported them (others edit the tree concurrently)."""
-    digest = hashlib.sha256()
-    package = Path(tost.__file__).resolve().parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 LIBRARY_SHA = library_fingerprint()
+"""The library's sources as this process imported them (others edit the tree concurrently)."""
 _MACHINE: dict[str, Any] = {}
 
 
 def machine(device: str, threads: int) -> dict[str, Any]:
-    """Where and with what a run ran: device, threads, versions, commit (and whether the library was edited)."""
+    """Where and with what a run ran: device, threads, versions, commit (and whether the code was edited)."""
     if not _MACHINE:
         _MACHINE.update(
             host=socket.gethostname(),
@@ -317,50 +223,18 @@ def machine(device: str, threads: int) -> dict[str, Any]:
             torch=torch.__version__,
             python=platform.python_version(),
             library_sha=LIBRARY_SHA,
-            **git_state(),
+            **git_state(CODE_PATHS),
         )
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None
     return {"device": device, "gpu": gpu, "threads": threads, **_MACHINE}
 
 
 def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores visible)"
-    return platform.processor() or "unknown"
-
-
-def git_state() -> dict[str, Any]:
-    """The commit, and the library / benchmark files that differ from it (read-only git calls)."""
-
-    def git(*args: str) -> str:
-        result = subprocess.run(
-            ["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
-        )
-        return result.stdout if result.returncode == 0 else ""
-
-    changed = git("status", "--porcelain", "--", "tost_surgery", "benchmarks/accuracy.py", "benchmarks/cifar.py")
-    return {
-        "commit": git("rev-parse", "HEAD").strip()[:12] or None,
-        "changed": [line[3:] for line in changed.splitlines() if line.strip()],
-    }
+    name = cpu_model(default="")
+    return f"{name} ({os.cpu_count()} cores visible)" if name else platform.processor() or "unknown"
 
 
 # --------------------------------------------------------------------------- results file
-
-
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Records of the jsonl; a torn last line (a run killed mid-write) is ignored."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(line)
-            if isinstance(record, dict) and "key" in record:
-                records.append(record)
-    return records
 
 
 def done_ids(path: Path) -> set[str]:
@@ -439,57 +313,81 @@ def parse_overrides(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(pairs.items()))
 
 
+def _variants(args: argparse.Namespace) -> list[str]:
+    """The variants asked for: ``--variants``, else those of the grid."""
+    if args.variants:
+        return list(args.variants)
+    variants: list[str] = []
+    if args.grid in ("main", "all"):
+        variants += MAIN_VARIANTS
+    if args.grid in ("ablation", "all"):
+        variants += [v for v in ABLATION_VARIANTS if v not in variants]
+    return variants
+
+
 def plan(args: argparse.Namespace) -> list[RunKey]:
     """The runs asked for, in order: sparsity (as given), architecture, mask, seed, variant."""
     overrides = parse_overrides(args.set)
-    variants: list[str] = []
-    if args.variants:
-        variants = list(args.variants)
-    else:
-        if args.grid in ("main", "all"):
-            variants += MAIN_VARIANTS
-        if args.grid in ("ablation", "all"):
-            variants += [v for v in ABLATION_VARIANTS if v not in variants]
+    grid = itertools.product(args.sparsities, args.arch or ["resnet20"], args.masks, args.seeds, _variants(args))
     keys = []
-    for sparsity in args.sparsities:
-        for arch in args.arch or ["resnet20"]:
-            for mask in args.masks:
-                for seed in args.seeds:
-                    for variant in variants:
-                        if (
-                            variant in ABLATION_VARIANTS
-                            and not args.variants
-                            and not math.isclose(sparsity, ABLATION_SPARSITY)
-                        ):
-                            continue
-                        keys.append(
-                            RunKey(
-                                arch=arch,
-                                mask=mask,
-                                sparsity=sparsity,
-                                seed=seed,
-                                variant=variant,
-                                epochs=args.epochs,
-                                eval=args.eval_on,
-                                val_split=args.val_split,
-                                subset=args.subset,
-                                overrides=overrides,
-                            )
-                        )
+    for sparsity, arch, mask, seed, variant in grid:
+        if variant in ABLATION_VARIANTS and not args.variants and not math.isclose(sparsity, ABLATION_SPARSITY):
+            continue  # the ablation grid has one sparsity
+        keys.append(
+            RunKey(
+                arch=arch,
+                mask=mask,
+                sparsity=sparsity,
+                seed=seed,
+                variant=variant,
+                epochs=args.epochs,
+                eval=args.eval_on,
+                val_split=args.val_split,
+                subset=args.subset,
+                overrides=overrides,
+            )
+        )
     return keys
 
 
+def _failure(job: tuple, error: BaseException) -> str:
+    detail = "".join(traceback.format_exception(error)).rstrip()
+    return f"FAILED (not recorded; retried next time): {RunKey.from_dict(job[0]).label()}\n{detail}"
+
+
+def _outcomes_here(jobs: list[tuple]) -> Iterator[tuple[str, bool]]:
+    """(message, failed) of each job, run one after the other in this process."""
+    for i, job in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {RunKey.from_dict(job[0]).label()}", flush=True)
+        try:
+            outcome = worker(*job), False
+        except Exception as error:  # noqa: BLE001 - one bad run must not stop the grid
+            outcome = _failure(job, error), True
+        yield outcome
+
+
+def _outcomes_in_pool(jobs: list[tuple], processes: int) -> Iterator[tuple[str, bool]]:
+    """(message, failed) of each job as it ends, run in spawned worker processes."""
+    with cf.ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(worker, *job): job for job in jobs}
+        for future in cf.as_completed(futures):
+            try:
+                outcome = future.result(), False
+            except Exception as error:  # noqa: BLE001
+                outcome = _failure(futures[future], error), True
+            yield outcome
+
+
 def run_grid(args: argparse.Namespace) -> int:
+    """Run the planned runs not in the jsonl yet; rewrite the whole report after each."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "accuracy.jsonl"
     keys = plan(args)
     done = done_ids(jsonl)
-    todo = [k for k in keys if k.id not in done]
-    if args.limit is not None:
-        todo = todo[: args.limit]
+    todo = [k for k in keys if k.id not in done][: args.limit]
     print(
-        f"{len(keys)} runs planned, {len(keys) - len([k for k in keys if k.id not in done])} done, "
+        f"{len(keys)} runs planned, {sum(k.id in done for k in keys)} done, "
         f"{len(todo)} to run now on {args.device} ({args.jobs} job(s) x {args.threads} thread(s)); results: {jsonl}",
         flush=True,
     )
@@ -502,582 +400,50 @@ def run_grid(args: argparse.Namespace) -> int:
     whole = {"arch": None, "masks": list(MASKS), "sparsities": list(SPARSITIES)}
     report_args = argparse.Namespace(**{**vars(args), **whole})
     jobs = [(k.to_dict(), str(out), str(args.data), args.device, args.threads) for k in todo]
+    outcomes = _outcomes_here(jobs) if args.jobs <= 1 else _outcomes_in_pool(jobs, args.jobs)
     failed = 0
-
-    def failure(job: tuple, error: BaseException) -> str:
-        nonlocal failed
-        failed += 1
-        detail = "".join(traceback.format_exception(error)).rstrip()
-        return f"FAILED (not recorded; retried next time): {RunKey.from_dict(job[0]).label()}\n{detail}"
-
-    if args.jobs <= 1:
-        for i, job in enumerate(jobs, 1):
-            print(f"[{i}/{len(jobs)}] {RunKey.from_dict(job[0]).label()}", flush=True)
-            try:
-                message = worker(*job)
-            except Exception as error:  # noqa: BLE001 - one bad run must not stop the grid
-                message = failure(job, error)
-            print(f"[{i}/{len(jobs)}] {message}", flush=True)
-            write_report(out, report_args)
-    else:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(worker, *job): job for job in jobs}
-            for i, future in enumerate(cf.as_completed(futures), 1):
-                try:
-                    message = future.result()
-                except Exception as error:  # noqa: BLE001
-                    message = failure(futures[future], error)
-                print(f"[{i}/{len(jobs)}] {message}", flush=True)
-                write_report(out, report_args)
+    for i, (message, has_failed) in enumerate(outcomes, 1):
+        failed += has_failed
+        print(f"[{i}/{len(jobs)}] {message}", flush=True)
+        write_report(out, report_args)
     print(f"finished {len(jobs)} run(s), {failed} failed, in {time.perf_counter() - started:.0f} s", flush=True)
     write_report(out, report_args)
     return 0
 
 
-# --------------------------------------------------------------------------- report
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def _pct(mean: float | None, std: float | None, n: int, *, signed: bool = False) -> str:
-    if mean is None:
-        return "pending"
-    sign = "+" if signed else ""
-    text = f"{100 * mean:{sign}.2f}"
-    text += f" ± {100 * std:.2f}" if std is not None else " ± n/a"
-    return text
-
-
-def _select(
-    records: list[dict[str, Any]], args: argparse.Namespace, arch: str, **fixed: Any
-) -> dict[tuple, dict[str, Any]]:
-    """Latest record of ``arch`` per (mask, sparsity, seed, variant, overrides) matching the report's protocol.
-
-    A record counts under every variant name whose Recipe it trained with (see :func:`labels_of`).
-    """
-    chosen: dict[tuple, dict[str, Any]] = {}
-    for record in records:
-        key = record["key"]
-        if (
-            key["arch"] != arch
-            or key["epochs"] != args.epochs
-            or key.get("subset") != args.subset
-            or not math.isclose(key.get("val_split", 0.1), args.val_split)
-        ):
-            continue
-        if any(key.get(k) != v for k, v in fixed.items()):
-            continue
-        for variant, overrides in labels_of(record):
-            chosen[(key["mask"], round(key["sparsity"], 6), key["seed"], variant, overrides)] = record
-    return chosen
-
-
-def _cell(chosen: dict[tuple, dict], mask: str, sparsity: float, variant: str, metric: str, overrides: str = "{}"):
-    by_seed = {
-        k[2]: r[metric]
-        for k, r in chosen.items()
-        if k[0] == mask and k[1] == round(sparsity, 6) and k[3] == variant and k[4] == overrides
-    }
-    return by_seed
-
-
-def _gain(base: dict[int, float], other: dict[int, float]) -> list[float]:
-    return [other[s] - base[s] for s in sorted(set(base) & set(other))]
-
-
-def _verdict(gains: list[float]) -> str:
-    if not gains:
-        return "pending"
-    mean, std = _mean_std(gains)
-    if std is None:
-        return "yes (1 seed)" if mean > 0 else "no (1 seed)"
-    noise = 2 * std / math.sqrt(len(gains))
-    if mean > noise:
-        return "yes"
-    if mean < -noise:
-        return "no (worse)"
-    return "yes, within noise" if mean > 0 else "no, within noise"
-
-
-def _candidates(val: dict[tuple, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each tuned ToST setting against today's ``Recipe.tost``, on validation, pooled over masks.
-
-    Differences are paired by (mask, seed): same mask, initial weights and batches. This is the
-    table a default is changed from (never ``x_test``).
-    """
-    rows = []
-    settings = sorted({(k[1], k[4]) for k in val if k[3] == "tost" and k[4] != "{}"})
-    for sparsity, overrides in settings:
-        diffs, gains, mask_diffs = [], [], {}
-        for (mask, s, seed, variant, over), record in sorted(val.items()):
-            if s != sparsity or variant != "tost" or over != overrides:
-                continue
-            default = val.get((mask, s, seed, "tost", "{}"))
-            base = val.get((mask, s, seed, "baseline", "{}"))
-            if default is not None:
-                diff = record["val_acc"] - default["val_acc"]
-                diffs.append(diff)
-                mask_diffs.setdefault(mask, []).append(diff)
-            if base is not None:
-                gains.append(record["val_acc"] - base["val_acc"])
-        rows.append(
-            {
-                "sparsity": sparsity,
-                "overrides": json.loads(overrides),
-                "masks": sorted(mask_diffs),
-                "pairs": len(diffs),
-                "vs_tost": dict(zip(("mean", "std"), _mean_std(diffs))),
-                "vs_tost_per_mask": {mask: statistics.fmean(d) for mask, d in sorted(mask_diffs.items())},
-                "vs_baseline": dict(zip(("mean", "std"), _mean_std(gains))),
-                "verdict": _verdict(diffs),
-            }
-        )
-    return rows
-
-
-def _arch_order(records: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
-    """The architectures to report: those asked for, else every one with a record, in ``ARCHITECTURES`` order."""
-    if args.arch:
-        return list(args.arch)
-    seen = {r["key"]["arch"] for r in records}
-    return [a for a in cifar.ARCHITECTURES if a in seen] + sorted(seen - set(cifar.ARCHITECTURES))
-
-
-def _pooled(rows: list[dict[str, Any]]) -> tuple[list[str], list[float]]:
-    """The masks of ``main`` rows with a pair, and every (mask, seed) gain of them."""
-    rows = [r for r in rows if r["paired"]]
-    gains = [
-        r["per_seed"]["tost"][seed] - r["per_seed"]["baseline"][seed]
-        for r in rows
-        for seed in sorted(set(r["per_seed"]["tost"]) & set(r["per_seed"]["baseline"]))
-    ]
-    return [r["mask"] for r in rows], gains
-
-
-def build_arch_report(records: list[dict[str, Any]], arch: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One architecture's tables: main grid, pooled over masks, ablation, validation, tuned settings."""
-    test = _select(records, args, arch, eval="test")
-    report: dict[str, Any] = {
-        "protocol": {
-            "arch": arch,
-            "description": cifar.DESCRIPTIONS.get(arch, arch),
-            "epochs": args.epochs,
-            "val_split": args.val_split,
-            "subset": args.subset,
-            "data": "cifar10-subset.npz: train on the seeded train split of x_train, accuracy on x_test",
-        },
-        "main": [],
-        "pooled": [],
-        "ablation": [],
-        "tuning": [],
-    }
-    masks = list(dict.fromkeys([*args.masks, *sorted({k[0] for k in test})]))
-    sparsities = sorted({*args.sparsities, *{k[1] for k in test}})
-    for mask in masks:
-        for sparsity in sparsities:
-            base = _cell(test, mask, sparsity, "baseline", "test_acc")
-            ours = _cell(test, mask, sparsity, "tost", "test_acc")
-            gains = _gain(base, ours)
-            report["main"].append(
-                {
-                    "mask": mask,
-                    "sparsity": sparsity,
-                    "baseline": dict(zip(("mean", "std"), _mean_std(list(base.values())))),
-                    "tost": dict(zip(("mean", "std"), _mean_std(list(ours.values())))),
-                    "gain": dict(zip(("mean", "std"), _mean_std(gains))),
-                    "seeds_baseline": sorted(base),
-                    "seeds_tost": sorted(ours),
-                    "paired": len(gains),
-                    "per_seed": {"baseline": base, "tost": ours},
-                    "verdict": _verdict(gains),
-                }
-            )
-    for sparsity in sparsities:
-        pooled_masks, gains = _pooled([r for r in report["main"] if r["sparsity"] == sparsity])
-        report["pooled"].append(
-            {
-                "sparsity": sparsity,
-                "masks": pooled_masks,
-                "pairs": len(gains),
-                "gain": dict(zip(("mean", "std"), _mean_std(gains))),
-                "verdict": _verdict(gains),
-            }
-        )
-    ablated = [m for m in masks if any(_cell(test, m, ABLATION_SPARSITY, v, "test_acc") for v in ABLATION_VARIANTS)]
-    for mask in ablated:  # the masks the ablation was run for
-        base = _cell(test, mask, ABLATION_SPARSITY, "baseline", "test_acc")
-        for variant in ("baseline", *ABLATION_VARIANTS, "tost"):
-            values = _cell(test, mask, ABLATION_SPARSITY, variant, "test_acc")
-            gains = _gain(base, values) if variant != "baseline" else []
-            report["ablation"].append(
-                {
-                    "mask": mask,
-                    "sparsity": ABLATION_SPARSITY,
-                    "variant": variant,
-                    "acc": dict(zip(("mean", "std"), _mean_std(list(values.values())))),
-                    "gain": dict(zip(("mean", "std"), _mean_std(gains))),
-                    "seeds": sorted(values),
-                    "per_seed": values,
-                }
-            )
-    # Every run trains on the same split and records its validation accuracy, so test-grid runs
-    # count here too: this table (never x_test) is what the defaults are chosen from.
-    val = _select(records, args, arch)
-    groups = sorted({(k[0], k[1], k[3], k[4]) for k in val})
-    for mask, sparsity, variant, overrides in groups:
-        values = _cell(val, mask, sparsity, variant, "val_acc", overrides)
-        base = _cell(val, mask, sparsity, "baseline", "val_acc")
-        gains = _gain(base, values) if (variant, overrides) != ("baseline", "{}") else []
-        report["tuning"].append(
-            {
-                "mask": mask,
-                "sparsity": sparsity,
-                "variant": variant,
-                "overrides": json.loads(overrides),
-                "val_acc": dict(zip(("mean", "std"), _mean_std(list(values.values())))),
-                "gain": dict(zip(("mean", "std"), _mean_std(gains))),
-                "seeds": sorted(values),
-                "verdict": _verdict(gains) if gains else "",
-            }
-        )
-    report["candidates"] = _candidates(val)
-    return report
-
-
-def _across(sections: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per sparsity, every (architecture, mask, seed) pair of the main grids pooled."""
-    rows = []
-    for sparsity in sorted({r["sparsity"] for s in sections for r in s["main"]}):
-        gains: list[float] = []
-        archs = []
-        for section in sections:
-            _, arch_gains = _pooled([r for r in section["main"] if r["sparsity"] == sparsity])
-            if arch_gains:
-                archs.append(section["protocol"]["arch"])
-                gains += arch_gains
-        rows.append(
-            {
-                "sparsity": sparsity,
-                "archs": archs,
-                "pairs": len(gains),
-                "gain": dict(zip(("mean", "std"), _mean_std(gains))),
-                "verdict": _verdict(gains),
-            }
-        )
-    return rows
-
-
-def _budget(records: list[dict[str, Any]]) -> dict[str, Any]:
-    by_device: dict[str, float] = {}
-    for r in records:
-        label = r.get("gpu") or f"{r['device']} x{r['threads']} thread(s): {r.get('cpu', '?')}"
-        by_device[label] = by_device.get(label, 0.0) + r["wall_s"]
-    per_arch: dict[str, dict[str, Any]] = {}
-    for arch in dict.fromkeys(r["key"]["arch"] for r in records):
-        mine = [r for r in records if r["key"]["arch"] == arch]
-        cpu = [r for r in mine if r["key"]["subset"] is None and r["device"] == "cpu"]
-        per_arch[arch] = {
-            "runs": len(mine),
-            "median_cpu_epoch_s": round(statistics.median(r["train_s"] / r["key"]["epochs"] for r in cpu), 2)
-            if cpu
-            else None,
-            "median_cpu_wall_s": round(statistics.median(r["wall_s"] for r in cpu), 1) if cpu else None,
-        }
-    train_s = [
-        r["train_s"] / r["key"]["epochs"] for r in records if r["key"]["subset"] is None and r["device"] == "cpu"
-    ]
-    return {
-        "runs": len(records),
-        "wall_s_total": round(sum(r["wall_s"] for r in records), 1),
-        "wall_s_by_machine": {k: round(v, 1) for k, v in by_device.items()},
-        "median_cpu_epoch_s": round(statistics.median(train_s), 2) if train_s else None,
-        "per_arch": per_arch,
-        "commits": sorted({str(r.get("commit")) for r in records}),
-    }
-
-
-def build_report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Every architecture's tables, the pairs of all of them pooled, and the budget."""
-    records = read_results(out / "accuracy.jsonl")
-    sections = [build_arch_report(records, arch, args) for arch in _arch_order(records, args)]
-    return {"architectures": sections, "across": _across(sections), "budget": _budget(records)}
-
-
-def render_arch_markdown(section: dict[str, Any]) -> list[str]:
-    """One architecture's part of ``accuracy.md``."""
-    p = section["protocol"]
-    lines = [
-        f"## `{p['arch']}`: {p['description']}",
-        "",
-        f"{p['arch']}, {p['epochs']} epochs, {p['data']} (val split {p['val_split']}"
-        + (f", subset {p['subset']}" if p["subset"] else "")
-        + "). Test accuracy in %, mean ± sample std over seeds; gain = ToST - default, paired by seed"
-        " (same mask, same initial weights, same batches). `pending`: not run yet.",
-        "",
-        "### Main grid",
-        "",
-        "| mask | sparsity | default (baseline) | ToST | gain | seeds | ToST beats default? |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for row in section["main"]:
-        lines.append(
-            f"| {row['mask']} | {row['sparsity']:.2f} "
-            f"| {_pct(row['baseline']['mean'], row['baseline']['std'], len(row['seeds_baseline']))} "
-            f"| {_pct(row['tost']['mean'], row['tost']['std'], len(row['seeds_tost']))} "
-            f"| {_pct(row['gain']['mean'], row['gain']['std'], row['paired'], signed=True)} "
-            f"| {row['paired']} | {row['verdict']} |"
-        )
-    lines += [
-        "",
-        "`yes` / `no (worse)`: the mean gain is more than two standard errors from zero; otherwise `within noise`.",
-        "",
-        "Pooled over masks: every (mask, seed) pair at a sparsity, so more pairs and a smaller standard error.",
-        "",
-        "| sparsity | masks | pairs | gain | ToST beats default? |",
-        "| ---: | --- | ---: | ---: | --- |",
-        *(
-            f"| {row['sparsity']:.2f} | {', '.join(row['masks']) or '-'} | {row['pairs']} "
-            f"| {_pct(row['gain']['mean'], row['gain']['std'], row['pairs'], signed=True)} | {row['verdict']} |"
-            for row in section["pooled"]
-        ),
-    ]
-    if section["ablation"]:
-        lines += [
-            "",
-            f"### Ablation at sparsity {ABLATION_SPARSITY}",
-            "",
-            "`only_X`: the default protocol plus technique X alone (with the recipe's settings);"
-            " `no_X`: the full recipe without X. Gain vs the default protocol, paired by seed.",
-            "",
-            "| mask | variant | test acc | gain vs default | seeds |",
-            "| --- | --- | ---: | ---: | ---: |",
-        ]
-    for row in section["ablation"]:
-        gain = "" if row["variant"] == "baseline" else _pct(row["gain"]["mean"], row["gain"]["std"], 0, signed=True)
-        lines.append(
-            f"| {row['mask']} | {row['variant']} | {_pct(row['acc']['mean'], row['acc']['std'], len(row['seeds']))} "
-            f"| {gain} | {len(row['seeds'])} |"
-        )
-    if section["tuning"]:
-        lines += [
-            "",
-            "### Validation accuracy of every recipe run (held-out 10% of x_train, never x_test)",
-            "",
-            "What the defaults are chosen from: every run, of the test grid or a tuning run, trains on the same"
-            " split and records its validation accuracy. Gain vs the default protocol, paired by seed.",
-            "",
-            "| mask | sparsity | variant | overrides | val acc | gain vs default | seeds | better than default? |",
-            "| --- | ---: | --- | --- | ---: | ---: | ---: | --- |",
-        ]
-        for row in section["tuning"]:
-            overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "-"
-            is_default = row["variant"] == "baseline" and overrides == "-"
-            gain = "" if is_default else _pct(row["gain"]["mean"], row["gain"]["std"], 0, signed=True)
-            lines.append(
-                f"| {row['mask']} | {row['sparsity']:.2f} | {row['variant']} | {overrides} "
-                f"| {_pct(row['val_acc']['mean'], row['val_acc']['std'], len(row['seeds']))} "
-                f"| {gain} | {len(row['seeds'])} | {row.get('verdict', '')} |"
-            )
-    if section["candidates"]:
-        lines += [
-            "",
-            "### Tuned settings against today's `Recipe.tost` (validation, pooled over masks)",
-            "",
-            "Each row: ToST with the overrides, minus ToST with today's defaults, paired by (mask, seed) on the"
-            " validation split; and its gain over the default protocol, paired by (mask, seed) the same way.",
-            "",
-            "| sparsity | overrides | pairs | vs today's ToST | per mask, vs today's ToST | vs default protocol"
-            " | better than today's ToST? |",
-            "| ---: | --- | ---: | ---: | --- | ---: | --- |",
-        ]
-        for row in section["candidates"]:
-            overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items())
-            per_mask = " / ".join(f"{m} {100 * d:+.2f}" for m, d in row["vs_tost_per_mask"].items())
-            lines.append(
-                f"| {row['sparsity']:.2f} | {overrides} | {row['pairs']} "
-                f"| {_pct(row['vs_tost']['mean'], row['vs_tost']['std'], 0, signed=True)} | {per_mask or '-'} "
-                f"| {_pct(row['vs_baseline']['mean'], row['vs_baseline']['std'], 0, signed=True)} "
-                f"| {row['verdict']} |"
-            )
-    return lines + [""]
-
-
-def render_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
-    lines = ["# Accuracy: default protocol (masks only) vs ToST", ""]
-    for section in report["architectures"]:
-        lines += render_arch_markdown(section)
-    lines += [
-        "## Across architectures",
-        "",
-        "Pooled over architectures and masks: every (architecture, mask, seed) pair of the main grids at a"
-        " sparsity, test accuracy. The spread mixes seed noise with real differences between networks.",
-        "",
-        "| sparsity | architectures | pairs | gain | ToST beats default? |",
-        "| ---: | --- | ---: | ---: | --- |",
-        *(
-            f"| {row['sparsity']:.2f} | {', '.join(row['archs']) or '-'} | {row['pairs']} "
-            f"| {_pct(row['gain']['mean'], row['gain']['std'], row['pairs'], signed=True)} | {row['verdict']} |"
-            for row in report["across"]
-        ),
-    ]
-    b = report["budget"]
-    lines += [
-        "",
-        "## Budget",
-        "",
-        f"{b['runs']} finished runs in the results file, {b['wall_s_total'] / 3600:.2f} h of wall time in all"
-        + (f"; median {b['median_cpu_epoch_s']} s per epoch on CPU" if b["median_cpu_epoch_s"] else "")
-        + f". Library commit(s): {', '.join(b['commits']) or '-'}.",
-        "",
-    ]
-    lines += [f"- {machine_name}: {seconds / 3600:.2f} h" for machine_name, seconds in b["wall_s_by_machine"].items()]
-    lines += [
-        "",
-        "| architecture | runs | median s per epoch (CPU) | median wall s per run (CPU) |",
-        "| --- | ---: | ---: | ---: |",
-        *(
-            f"| {arch} | {a['runs']} | {a['median_cpu_epoch_s'] or '-'} | {a['median_cpu_wall_s'] or '-'} |"
-            for arch, a in b["per_arch"].items()
-        ),
-        "",
-        "Regenerate this file, `accuracy.json` and `accuracy.png` from `accuracy.jsonl`:",
-        "",
-        "```bash",
-        f"python benchmarks/accuracy.py --report{_report_flags(args)}",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _report_flags(args: argparse.Namespace) -> str:
-    flags = ""
-    if args.arch:
-        flags += " --arch " + " ".join(args.arch)
-    if args.epochs != 20:
-        flags += f" --epochs {args.epochs}"
-    if args.subset is not None:
-        flags += f" --subset {args.subset}"
-    if Path(args.out).resolve() != DEFAULT_OUT.resolve():
-        flags += f" --out {args.out}"
-    return flags
-
-
-def render_plot(report: dict[str, Any], path: Path) -> bool:
-    """Accuracy vs sparsity, one panel per architecture: a solid (ToST) and a dashed (default) line per mask.
-
-    False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-        return False
-    sections = report["architectures"] or [{"protocol": {"arch": "-", "epochs": 0}, "main": []}]
-    columns = min(3, len(sections))
-    rows = math.ceil(len(sections) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 4.4 * rows), squeeze=False)
-    for ax, section in zip(axes.flat, sections):
-        _plot_arch(ax, section, plt.rcParams["axes.prop_cycle"].by_key()["color"])
-    for ax in list(axes.flat)[len(sections) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    tmp = path.with_suffix(".png.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
-
-
-def _plot_arch(ax: Any, section: dict[str, Any], colors: list[str]) -> None:
-    main = section["main"]
-    masks = list(dict.fromkeys(row["mask"] for row in main))
-    for i, mask in enumerate(masks):
-        for j, (variant, style, marker) in enumerate((("baseline", "--", "o"), ("tost", "-", "s"))):
-            rows = [r for r in main if r["mask"] == mask and r[variant]["mean"] is not None]
-            if not rows:
-                continue
-            dodge = 0.0012 * (2 * i + j - len(masks))  # keep error bars at one sparsity apart
-            ax.errorbar(
-                [r["sparsity"] + dodge for r in rows],
-                [100 * r[variant]["mean"] for r in rows],
-                yerr=[100 * (r[variant]["std"] or 0.0) for r in rows],
-                linestyle=style,
-                marker=marker,
-                color=colors[i % len(colors)],
-                capsize=3,
-                label=f"{mask} {'ToST' if variant == 'tost' else 'default'}",
-            )
-    p = section["protocol"]
-    ticks = sorted({r["sparsity"] for r in main})
-    if ticks:
-        ax.set_xticks(ticks)
-        ax.set_xlim(ticks[0] - 0.01, ticks[-1] + 0.01)
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{p['arch']}, CIFAR-10 subset, {p['epochs']} epochs (mean ± std over seeds)", fontsize=9)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    report = build_report(out, args)
-    _write_atomic(out / "accuracy.json", json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
-    _write_atomic(out / "accuracy.md", render_markdown(report, args))
-    render_plot(report, out / "accuracy.png")
-    return report
-
-
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--grid", choices=("main", "ablation", "all"), default="main")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="run these variants instead of the grid's")
-    parser.add_argument("--masks", nargs="+", choices=MASKS + EXTRA_MASKS, default=list(MASKS))
-    parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument(
-        "--arch",
-        nargs="+",
-        choices=list(cifar.ARCHITECTURES),
-        default=None,
-        help="architectures to run (default resnet20) or to report (default: every one with a record)",
-    )
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument(
-        "--eval-on", choices=("test", "val"), default="test", help="test: the reported grid; val: tuning"
-    )
-    parser.add_argument("--val-split", type=float, default=0.1, help="fraction of x_train held out (seeded, fixed)")
-    parser.add_argument("--subset", type=int, default=None, help="use only this many images per split (smoke runs)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="Recipe overrides, part of the key")
-    parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--limit", type=int, default=None, help="run at most this many runs now")
-    parser.add_argument("--dry-run", action="store_true", help="list the planned runs and which are done")
-    parser.add_argument("--report", action="store_true", help="only regenerate accuracy.md/.json/.png from the jsonl")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="results directory")
-    parser.add_argument("--data", default=str(cifar.DEFAULT_DATA), help="path of cifar10-subset.npz")
+    add = parser.add_argument
+    add("--grid", choices=("main", "ablation", "all"), default="main")
+    add("--variants", nargs="+", choices=VARIANTS, help="run these variants instead of the grid's")
+    add("--masks", nargs="+", choices=MASKS + EXTRA_MASKS, default=list(MASKS))
+    add("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    add("--seeds", nargs="+", type=int, default=list(SEEDS))
+    add("--arch", nargs="+", choices=list(cifar.ARCHITECTURES), default=None,
+        help="architectures to run (default resnet20) or to report (default: every one with a record)")  # fmt: skip
+    add("--epochs", type=int, default=20)
+    add("--eval-on", choices=("test", "val"), default="test", help="test: the reported grid; val: tuning")
+    add("--val-split", type=float, default=0.1, help="fraction of x_train held out (seeded, fixed)")
+    add("--subset", type=int, default=None, help="use only this many images per split (smoke runs)")
+    add("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="Recipe overrides, part of the key")
+    add("--jobs", type=int, default=1, help="parallel worker processes")
+    add("--threads", type=int, default=1, help="torch threads per worker")
+    add("--device", default="cpu", help="cpu or cuda")
+    add("--limit", type=int, default=None, help="run at most this many runs now")
+    add("--dry-run", action="store_true", help="list the planned runs and which are done")
+    add("--report", action="store_true", help="only regenerate accuracy.md/.json/.png from the jsonl")
+    add("--out", default=str(DEFAULT_OUT), help="results directory")
+    add("--data", default=str(cifar.DEFAULT_DATA), help="path of cifar10-subset.npz")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.report:
         out = Path(args.out)

@@ -3,12 +3,16 @@
 Each expected file was written by the benchmark that measured the data (the committed results in
 ``benchmarks/results`` and ``benchmarks/COVERAGE.md``, and small fixtures in
 ``tests/fixtures/benchmarks``); a renderer change that moves a number or a word shows here.
-Rendering needs no torch and takes milliseconds.
+Rendering takes milliseconds and needs no torch, except the accuracy report's (a third of a
+second): it names each record by the variants whose Recipe, with today's defaults, it trained with.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import io
+import json
 import os
 import re
 import sys
@@ -27,6 +31,9 @@ FIXTURES = ROOT / "tests" / "fixtures" / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 try:
     import _common
+    import accuracy
+    import accuracy_keys
+    import accuracy_report
     import coverage_report
     import gpu_check_report
     import overhead_report
@@ -91,6 +98,69 @@ def test_gpu_check_table_prints_again_from_its_json() -> None:
     console = Console(file=buffer, width=160, color_system=None, force_terminal=False)
     gpu_check_report.print_report(_common.read_json(FIXTURES / "gpu_check.json"), console)
     assert buffer.getvalue() == (FIXTURES / "gpu_check.txt").read_text()
+
+
+def _accuracy_settings(page: str) -> argparse.Namespace:
+    """The command line of ``accuracy.py --report`` that a page says regenerates it."""
+    flags = re.search(r"^python benchmarks/accuracy\.py --report(.*)$", page, re.MULTILINE).group(1).split()
+    return accuracy.build_parser().parse_args(["--report", *flags])
+
+
+def test_accuracy_report_renders_again_from_the_committed_jsonl() -> None:
+    page = (RESULTS / "accuracy.md").read_text()
+    settings = _accuracy_settings(page)
+    report = accuracy_report.build_report(accuracy_keys.read_results(RESULTS / "accuracy.jsonl"), settings)
+    assert accuracy_report.render_markdown(report, settings) == page
+    assert accuracy_report.report_json(report) == (RESULTS / "accuracy.json").read_text()
+
+
+def test_accuracy_write_report_writes_the_three_files(tmp_path: Path) -> None:
+    lines = (RESULTS / "accuracy.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "accuracy.jsonl").write_text("".join(lines[:12]) + '{"key": {"arch": "resnet')  # a torn last line
+    settings = accuracy.build_parser().parse_args(["--report", "--out", str(tmp_path)])
+    written = accuracy_report.write_report(tmp_path, settings)
+    assert written["budget"]["runs"] == 12
+    expected = accuracy_report.build_report([json.loads(line) for line in lines[:12]], settings)
+    assert (tmp_path / "accuracy.json").read_text() == accuracy_report.report_json(expected)
+    assert (tmp_path / "accuracy.md").read_text() == accuracy_report.render_markdown(expected, settings)
+    assert f"--report --out {tmp_path}\n" in (tmp_path / "accuracy.md").read_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_committed_accuracy_records_keep_their_keys_and_ids() -> None:
+    """A run is skipped when its id is in the jsonl: the ids of committed records must not move."""
+    records = accuracy_keys.read_results(RESULTS / "accuracy.jsonl")
+    assert all(accuracy_keys.RunKey.from_dict(r["key"]).to_dict() == r["key"] for r in records)
+    by_id = {r["id"]: r for r in records}
+    latest = by_id["c7b6f409f08a"]  # preact_resnet18_x0.25 synflow 0.98 seed 0, tost
+    assert accuracy_keys.RunKey.from_dict(latest["key"]).id == accuracy_keys.record_id(latest) == "c7b6f409f08a"
+    # Made before Recipe had skip_pointwise: its id then differs from the one its Recipe has today.
+    first = by_id["4a1ae5fb1a27"]  # resnet20 erk 0.98 seed 0, baseline
+    assert accuracy_keys.record_id(first) == accuracy_keys.RunKey.from_dict(first["key"]).id == "830c0f86f011"
+    assert "830c0f86f011" in accuracy.done_ids(RESULTS / "accuracy.jsonl")
+
+
+def test_accuracy_candidates_are_paired_with_todays_tost_by_mask_and_seed() -> None:
+    val_acc = {  # (mask, seed, variant, overrides) -> validation accuracy
+        ("erk", 0, "baseline", "{}"): 0.50, ("erk", 0, "tost", "{}"): 0.52, ("erk", 0, "tost", '{"warmup": 0.6}'): 0.55,
+        ("erk", 1, "baseline", "{}"): 0.40, ("erk", 1, "tost", "{}"): 0.41, ("erk", 1, "tost", '{"warmup": 0.6}'): 0.42,
+        ("snip", 0, "baseline", "{}"): 0.30, ("snip", 0, "tost", '{"warmup": 0.6}'): 0.33,  # no ToST pair
+        ("snip", 0, "tost", '{"warmup": 1.0}'): 0.20,  # at another sparsity
+    }  # fmt: skip
+    val = {
+        (mask, 0.9 if "1.0" in over else 0.98, seed, variant, over): {"val_acc": acc}
+        for (mask, seed, variant, over), acc in val_acc.items()
+    }
+    rows = {(r["sparsity"], json.dumps(r["overrides"])): r for r in accuracy_report._candidates(val)}
+    assert set(rows) == {(0.98, '{"warmup": 0.6}'), (0.9, '{"warmup": 1.0}')}
+    row = rows[(0.98, '{"warmup": 0.6}')]
+    assert row["masks"] == ["erk"] and row["pairs"] == 2
+    assert row["vs_tost"]["mean"] == pytest.approx((0.03 + 0.01) / 2)
+    assert row["vs_tost_per_mask"] == {"erk": pytest.approx((0.03 + 0.01) / 2)}  # snip has no ToST pair
+    assert row["vs_baseline"]["mean"] == pytest.approx((0.05 + 0.02 + 0.03) / 3)
+    lone = rows[(0.9, '{"warmup": 1.0}')]
+    assert lone["pairs"] == 0 and lone["vs_tost"]["mean"] is None and lone["verdict"] == "pending"
 
 
 def test_markdown_table_aligns_and_rules() -> None:

@@ -212,29 +212,6 @@ def test_accuracy_runs_gradinit_when_the_recipe_asks(monkeypatch: pytest.MonkeyP
     assert "gradinit" not in plain
 
 
-def test_accuracy_candidates_are_paired_with_todays_tost_by_mask_and_seed() -> None:
-    accuracy = _accuracy_module()
-    val_acc = {  # (mask, seed, variant, overrides) -> validation accuracy
-        ("erk", 0, "baseline", "{}"): 0.50, ("erk", 0, "tost", "{}"): 0.52, ("erk", 0, "tost", '{"warmup": 0.6}'): 0.55,
-        ("erk", 1, "baseline", "{}"): 0.40, ("erk", 1, "tost", "{}"): 0.41, ("erk", 1, "tost", '{"warmup": 0.6}'): 0.42,
-        ("snip", 0, "baseline", "{}"): 0.30, ("snip", 0, "tost", '{"warmup": 0.6}'): 0.33,  # no ToST pair
-        ("snip", 0, "tost", '{"warmup": 1.0}'): 0.20,  # at another sparsity
-    }  # fmt: skip
-    val = {
-        (mask, 0.9 if "1.0" in over else 0.98, seed, variant, over): {"val_acc": acc}
-        for (mask, seed, variant, over), acc in val_acc.items()
-    }
-    rows = {(r["sparsity"], json.dumps(r["overrides"])): r for r in accuracy._candidates(val)}
-    assert set(rows) == {(0.98, '{"warmup": 0.6}'), (0.9, '{"warmup": 1.0}')}
-    row = rows[(0.98, '{"warmup": 0.6}')]
-    assert row["masks"] == ["erk"] and row["pairs"] == 2
-    assert row["vs_tost"]["mean"] == pytest.approx((0.03 + 0.01) / 2)
-    assert row["vs_tost_per_mask"] == {"erk": pytest.approx((0.03 + 0.01) / 2)}  # snip has no ToST pair
-    assert row["vs_baseline"]["mean"] == pytest.approx((0.05 + 0.02 + 0.03) / 3)
-    lone = rows[(0.9, '{"warmup": 1.0}')]
-    assert lone["pairs"] == 0 and lone["vs_tost"]["mean"] is None and lone["verdict"] == "pending"
-
-
 def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
     output = run(
         "gpu_check.py", "--device", "cpu", "--models", "resnet18", "--modes", "fp32", "bf16",

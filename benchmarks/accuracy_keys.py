@@ -1,0 +1,167 @@
+"""What a run of ``benchmarks/accuracy.py`` is: its key, the Recipe it trains with, its id, its records.
+
+Both sides use it: ``accuracy.py`` to skip the runs already in ``accuracy.jsonl``,
+``accuracy_report.py`` to name each record by the variants whose Recipe it trained with. A
+run's id hashes the key without its names (the protocol) and the resolved Recipe, so two names
+of one Recipe share one run, and a changed ``Recipe.tost`` default leaves the old ``tost``
+records under the overrides that give their Recipe back instead of mixing them in.
+
+    key = RunKey(arch="resnet20", mask="erk", sparsity=0.98, seed=0, variant="tost", epochs=20, eval="test")
+    key.id in {record_id(r) for r in read_results(path)}   # done already?
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tost_surgery as tost
+
+MASKS = ("erk", "snip", "synflow")
+EXTRA_MASKS = ("random",)
+SPARSITIES = (0.9, 0.95, 0.98)
+SEEDS = (0, 1, 2)
+ABLATION_SPARSITY = 0.98
+MAIN_VARIANTS = ("baseline", "tost")
+TECHNIQUES = {t.name: dict(t.off) for t in tost.Recipe.techniques()}
+"""technique -> the Recipe fields that turn it off (the library's table of techniques)."""
+ABLATION_VARIANTS = tuple(f"only_{t}" for t in TECHNIQUES) + tuple(f"no_{t}" for t in TECHNIQUES)
+VARIANTS = MAIN_VARIANTS + ABLATION_VARIANTS
+RECIPE_DEFAULTS = {f.name: f.default for f in fields(tost.Recipe) if f.default is not MISSING}
+BEFORE_ADDED = {"skip_pointwise": True}
+"""What a field added to Recipe later was, in effect, before it existed (when it differs from today's default)."""
+SETTINGS_OF = {t.switch: t.settings for t in tost.Recipe.techniques()}
+"""switch -> the fields that only matter while it is on (label smoothing's schedule, while it is above 0)."""
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """Everything that decides a run's result (besides the code and the machine)."""
+
+    arch: str
+    mask: str
+    sparsity: float
+    seed: int
+    variant: str
+    epochs: int
+    eval: str
+    val_split: float = 0.1
+    subset: int | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["overrides"] = dict(self.overrides)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunKey:
+        data = dict(data)
+        data["overrides"] = tuple(sorted(data.get("overrides", {}).items()))
+        return cls(**data)
+
+    def protocol(self) -> dict[str, Any]:
+        """The key without the Recipe's names (variant, overrides)."""
+        data = self.to_dict()
+        del data["variant"], data["overrides"]
+        return data
+
+    def recipe(self) -> dict[str, Any]:
+        """The resolved Recipe fields (``total_steps`` left out: it follows from the protocol)."""
+        return recipe_fields(recipe_for(self.variant, 1, dict(self.overrides)).to_dict())
+
+    @property
+    def id(self) -> str:
+        return content_id(self.protocol(), self.recipe())
+
+    def label(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in self.overrides)
+        return f"{self.arch} {self.mask} s={self.sparsity} seed={self.seed} {self.variant}{extra} ({self.eval})"
+
+
+def recipe_fields(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The fields that decide a run, in canonical form: without ``total_steps``, without the
+    settings of a technique that is off, and with fields a record predates filled in as they
+    behaved then."""
+    filled = {**RECIPE_DEFAULTS, **BEFORE_ADDED, **recipe}
+    filled.pop("total_steps", None)
+    for switch, settings in SETTINGS_OF.items():
+        if not filled[switch]:
+            for name in settings:
+                filled.pop(name)
+    return filled
+
+
+def content_id(protocol: dict[str, Any], recipe: dict[str, Any]) -> str:
+    text = json.dumps({"protocol": protocol, "recipe": recipe}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def record_id(record: dict[str, Any]) -> str:
+    """The id of the run a record holds, from the Recipe it actually trained with."""
+    return content_id(RunKey.from_dict(record["key"]).protocol(), recipe_fields(record["recipe"]))
+
+
+def _resolved(variant: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    return recipe_fields(recipe_for(variant, 1, overrides).to_dict())
+
+
+def labels_of(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (variant, overrides JSON) whose Recipe is, with today's defaults, the one the record used.
+
+    A record whose own name means another Recipe today (a default changed since) is labelled by its
+    variant and the overrides that give back the Recipe it used, e.g. ``tost`` with
+    ``{"skip_pointwise": true}``.
+    """
+    used = recipe_fields(record["recipe"])
+    key = record["key"]
+    labels = [(v, "{}") for v in VARIANTS if _resolved(v, {}) == used]
+    # Overrides a default has since caught up with name nothing: ``--set skip_branch=auto`` is ``tost`` today.
+    plain = recipe_for(key["variant"], 1, {}).to_dict()
+    needed = {k: v for k, v in key["overrides"].items() if plain.get(k) != v}
+    own = (key["variant"], json.dumps(needed, sort_keys=True))
+    if own not in labels and _resolved(own[0], key["overrides"]) == used:
+        labels.append(own)
+    if not labels:
+        now = _resolved(key["variant"], key["overrides"])
+        diff = {**key["overrides"], **{k: v for k, v in used.items() if now.get(k) != v}}
+        if _resolved(key["variant"], diff) == used:
+            labels.append((key["variant"], json.dumps(diff, sort_keys=True)))
+    return labels
+
+
+def recipe_for(variant: str, total_steps: int, overrides: dict[str, Any]) -> tost.Recipe:
+    """The Recipe of a variant: ``baseline``, ``tost``, ``only_<technique>`` or ``no_<technique>``.
+
+    Ablations start from ``Recipe.tost`` so each technique keeps the recipe's settings;
+    ``overrides`` (from ``--set``) apply last.
+    """
+    if variant == "baseline":
+        return tost.Recipe.baseline(**overrides)
+    if variant == "tost":
+        return tost.Recipe.tost(total_steps, **overrides)
+    kind, _, technique = variant.partition("_")
+    if technique not in TECHNIQUES or kind not in ("only", "no"):
+        raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
+    off: dict[str, Any] = {}
+    for name, switched_off in TECHNIQUES.items():
+        if (kind == "no") == (name == technique):
+            off.update(switched_off)
+    return tost.Recipe.tost(total_steps, **{**off, **overrides})
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Records of the jsonl; a torn last line (a run killed mid-write) is ignored."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "key" in record:
+                records.append(record)
+    return records
