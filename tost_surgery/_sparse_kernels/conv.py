@@ -1,0 +1,217 @@
+"""Conv1d / Conv2d for a masked weight: per-tap CSR forward, per-tap CSR of W^T for the input
+gradient, the weight gradient at the mask's nonzeros only.
+
+The forward is the deploy kernel (``deploy.kernels.csr_conv``): one CSR matrix per kernel tap
+over shifted views of a padded, channel-major copy of the input. Backward reads the same
+buffer layout:
+
+- the output gradient is laid out ``(O, out_h, cols, N)`` with zeros in the columns past the
+  output's edge, a row-major ``(O, L)`` matrix ``G``;
+- input gradient: every tap adds ``W_tap^T @ G`` into the same shifted view of a zero buffer
+  shaped like the padded input, and the unpadded part is read back (phase planes for a stride);
+- weight gradient: every tap's ``G @ view_tap^T``, computed only at its kept positions
+  (``torch.sparse.sampled_addmm``).
+
+A 1x1 conv without padding multiplies the (subsampled) images directly. Padding modes other
+than zeros pad first (differentiably, ``F.pad``) and run the rest as an unpadded conv.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..deploy.kernels.csr_conv import ConvGeometry, _first, _phase_planes, _tap_matrices, _taps, conv2d
+from ._index import csr_positions, position_matrix, positions_of
+from .linear import _csr
+
+
+@dataclass(frozen=True)
+class TapStructure:
+    """One kernel tap that holds a kept weight: where it reads, and its CSR for ``W`` and ``W^T``."""
+
+    phase: int
+    row_shift: int
+    col_shift: int
+    crow: torch.Tensor
+    col: torch.Tensor
+    positions: torch.Tensor
+    t_crow: torch.Tensor
+    t_col: torch.Tensor
+    t_positions: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ConvStructure:
+    """The kept positions of a conv weight, per kernel tap, for a zero-padded geometry.
+
+    Example:
+        >>> conv = nn.Conv2d(8, 8, 3, padding=1)
+        >>> len(ConvStructure.of(torch.ones_like(conv.weight, dtype=torch.bool), ConvGeometry.of(conv)).taps)
+        9
+    """
+
+    geometry: ConvGeometry
+    """The geometry the taps run under (padding modes other than zeros: already padded, so none)."""
+    padding: ConvGeometry
+    """The layer's own geometry (for its padding mode and pads)."""
+    out_channels: int
+    in_channels: int
+    taps: tuple[TapStructure, ...]
+    crow: torch.Tensor
+    """The taps' row pointers stacked, and their columns and positions concatenated, as the deploy kernel keeps them."""
+    col: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, geometry: ConvGeometry) -> ConvStructure:
+        """The structure of a conv's boolean (or 0/1) mask, shaped like its weight."""
+        inner = _zero_padded(geometry)
+        out_channels, group_in = mask.shape[:2]
+        positions = position_matrix(mask).reshape(out_channels, group_in, *geometry.kernel)
+        taps = tuple(_tap_structure(tap) for tap in _taps(positions, inner))
+        in_channels = group_in * geometry.groups
+        crow = torch.stack([t.crow for t in taps]) if taps else torch.zeros(0, out_channels + 1, dtype=torch.int32)
+        col = torch.cat([t.col for t in taps]) if taps else torch.zeros(0, dtype=torch.int32)
+        flat = torch.cat([t.positions for t in taps]) if taps else torch.zeros(0, dtype=torch.int64)
+        return cls(inner, geometry, out_channels, in_channels, taps, crow, col, flat)
+
+    def matrices(self, weight: torch.Tensor) -> list:
+        """The deploy kernel's tap matrices, their values read from ``weight`` now."""
+        layout = [(t.phase, t.row_shift, t.col_shift) for t in self.taps]
+        return _tap_matrices(self.crow, self.col, weight.reshape(-1)[self.positions], layout, self.in_channels)
+
+
+def _tap_structure(tap) -> TapStructure:  # noqa: ANN001 - the deploy kernel's Tap, its values are positions
+    matrix = tap.matrix
+    t_crow, t_col, t_positions = csr_positions(matrix.to_dense().T)
+    return TapStructure(
+        tap.phase, tap.row_shift, tap.col_shift, matrix.crow_indices(), matrix.col_indices(),
+        positions_of(matrix.values()), t_crow, t_col, t_positions,
+    )  # fmt: skip
+
+
+def _zero_padded(geometry: ConvGeometry) -> ConvGeometry:
+    if geometry.padding_mode == "zeros":
+        return geometry
+    return replace(geometry, pads=(0, 0, 0, 0), padding_mode="zeros")
+
+
+class SparseConvFunction(torch.autograd.Function):
+    """``conv2d(x, weight * mask, bias)`` (zero padding) on the mask's nonzeros, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, structure):  # noqa: ANN001, ANN205 - autograd's protocol
+        ctx.structure = structure
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return conv2d(x, structure.matrices(weight), structure.geometry, bias, structure.out_channels)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        structure: ConvStructure = ctx.structure
+        grad_out = grad_out.contiguous()
+        backward = _pointwise_backward if structure.geometry.is_pointwise else _tap_backward
+        grad_x, tap_grads = backward(x, weight, grad_out, structure, ctx.needs_input_grad)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight.new_zeros(weight.numel())
+            if tap_grads:
+                grad_weight[structure.positions] = torch.cat(tap_grads)
+            grad_weight = grad_weight.view(weight.shape)
+        grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _tap_backward(x, weight, grad_out, structure, needs):  # noqa: ANN001, ANN202
+    """Input gradient and per-tap weight gradient values through the shifted views (module docstring)."""
+    geometry = structure.geometry
+    batch, channels, height, width = x.shape
+    out_h, out_w = grad_out.shape[2:]
+    planes = _phase_planes(x, geometry, frozenset(t.phase for t in structure.taps))
+    _, _, rows, cols, _ = planes.shape
+    plane, length = rows * cols * batch, out_h * cols * batch
+    grid = grad_out.new_zeros(structure.out_channels, out_h, cols, batch)
+    grid[:, :, :out_w].copy_(grad_out.permute(1, 2, 3, 0))
+    grad_rows = grid.view(structure.out_channels, length)
+    grad_planes = torch.zeros_like(planes) if needs[0] else None
+    tap_grads = []
+    for tap in structure.taps:
+        start = tap.phase * channels * plane + (tap.row_shift * cols + tap.col_shift) * batch
+        if grad_planes is not None:
+            transposed = _csr(tap.t_crow, tap.t_col, weight.reshape(-1)[tap.t_positions], (channels, grid.shape[0]))
+            grad_planes.as_strided((channels, length), (plane, 1), start).addmm_(transposed, grad_rows)
+        if needs[1]:
+            view = planes.as_strided((channels, length), (plane, 1), start)
+            tap_grads.append(_sampled(tap, grad_rows, view, (grid.shape[0], channels)))
+    grad_x = None if grad_planes is None else _unpad(grad_planes, geometry, x.shape)
+    return grad_x, tap_grads
+
+
+def _sampled(tap: TapStructure, grad_rows: torch.Tensor, view: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``grad_rows @ view^T`` at the tap's kept positions, in its CSR order."""
+    pattern = _csr(tap.crow, tap.col, grad_rows.new_zeros(tap.positions.numel()), shape)
+    return torch.sparse.sampled_addmm(pattern, grad_rows, view.T, beta=0.0).values()
+
+
+def _unpad(grad_planes: torch.Tensor, geometry: ConvGeometry, shape: torch.Size) -> torch.Tensor:
+    """The gradient of ``_phase_planes``: the padded buffer's entries that hold input, as ``(N, C, H, W)``."""
+    batch, channels, height, width = shape
+    (sh, sw), (left, _, top, _) = geometry.stride, geometry.pads
+    grad_x = grad_planes.new_zeros(shape)
+    for a in range(sh):
+        first_row, row_start = _first(a, top, sh)
+        for b in range(sw):
+            first_col, col_start = _first(b, left, sw)
+            if row_start >= height or col_start >= width:
+                continue
+            target = grad_x[:, :, row_start::sh, col_start::sw]
+            source = grad_planes[a * sw + b, :, first_row : first_row + target.shape[2]]
+            target.copy_(source[:, :, first_col : first_col + target.shape[3]].permute(3, 0, 1, 2))
+    return grad_x
+
+
+def _pointwise_backward(x, weight, grad_out, structure, needs):  # noqa: ANN001, ANN202
+    """A 1x1 conv without padding: the (subsampled) images are the matrices."""
+    sh, sw = structure.geometry.stride
+    sampled = x[:, :, ::sh, ::sw]
+    batch, channels = sampled.shape[:2]
+    out_channels = structure.out_channels
+    grad_rows = grad_out.permute(1, 0, 2, 3).reshape(out_channels, -1)  # (O, N * HW)
+    grad_x, tap_grads = None, []
+    if not structure.taps:
+        return (torch.zeros_like(x) if needs[0] else None), tap_grads
+    tap = structure.taps[0]
+    if needs[0]:
+        transposed = _csr(tap.t_crow, tap.t_col, weight.reshape(-1)[tap.t_positions], (channels, out_channels))
+        grad_sampled = torch.zeros(channels, grad_rows.shape[1], dtype=x.dtype).addmm_(transposed, grad_rows)
+        grad_x = torch.zeros_like(x)
+        grad_x[:, :, ::sh, ::sw] = grad_sampled.view(channels, batch, *sampled.shape[2:]).transpose(0, 1)
+    if needs[1]:
+        images = sampled.permute(1, 0, 2, 3).reshape(channels, -1)
+        tap_grads.append(_sampled(tap, grad_rows, images, (out_channels, channels)))
+    return grad_x, tap_grads
+
+
+def sparse_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, structure: ConvStructure
+) -> torch.Tensor:
+    """``conv.forward(x)`` with ``weight`` read (and differentiated) only at ``structure``'s positions.
+
+    Takes a Conv1d's or Conv2d's input, weight and bias (any padding mode).
+
+    Example:
+        >>> conv = nn.Conv2d(8, 16, 3, padding=1)
+        >>> structure = ConvStructure.of(torch.rand(conv.weight.shape) < 0.1, ConvGeometry.of(conv))
+        >>> sparse_conv(torch.randn(2, 8, 9, 9), conv.weight, conv.bias, structure).shape
+        torch.Size([2, 16, 9, 9])
+    """
+    is_1d = structure.padding.spatial_dims == 1
+    x2d = x.unsqueeze(2) if is_1d else x
+    if structure.padding.padding_mode != "zeros":
+        x2d = F.pad(x2d, structure.padding.pads, mode=structure.padding.padding_mode)
+    out = SparseConvFunction.apply(x2d, weight, bias, structure)
+    return out.squeeze(2) if is_1d else out
