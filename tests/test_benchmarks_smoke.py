@@ -1,4 +1,5 @@
-"""Smoke runs of ``benchmarks/accuracy.py``, ``overhead.py``, ``gpu_check.py`` and ``deploy.py`` at tiny sizes.
+"""Smoke runs of ``benchmarks/accuracy.py``, ``overhead.py``, ``gpu_check.py``, ``deploy.py`` and
+``train_speed.py`` at tiny sizes.
 
 They check that the scripts run end to end and write their files with the expected columns;
 never a timing or an accuracy.
@@ -260,3 +261,18 @@ def test_deploy_smoke(tmp_path: Path) -> None:
     (tmp_path / "deploy.md").unlink()
     run("deploy.py", "--render", "--out", str(tmp_path))
     assert (tmp_path / "deploy.md").read_text() == markdown
+
+
+def test_train_speed_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "train_speed.md"
+    run(
+        "train_speed.py", "--models", "tiny_cnn", "--masks", "erk", "--sparsities", "0.9", "--rounds", "2",
+        "--turn-seconds", "0.001", "--out", str(out),
+    )  # fmt: skip
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny_cnn |")]
+    assert len(rows) == 1 and rows[0].count("|") == 11  # ten columns
+    assert rows[0].split("|")[9].strip().endswith("/3")  # layers on the kernels, of the three masked ones
+    layers = tmp_path / "layers.md"
+    run("train_speed.py", "--layers", "--models", "tiny_cnn", "--sparsities", "0.9", "--rounds", "2",
+        "--turn-seconds", "0.001", "--out", str(layers))  # fmt: skip
+    assert sum(line.startswith("| tiny_cnn |") for line in layers.read_text().splitlines()) == 3

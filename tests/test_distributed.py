@@ -1,10 +1,8 @@
 """Data-parallel training on CPU (gloo, two local processes): DDP and FSDP2 match one process.
 
-Each test starts ``WORLD`` processes on 127.0.0.1 (from a fork server that has imported torch,
-where the platform has one: a spawned child re-imports torch, which costs seconds; a plain fork
-of the test process inherits its autograd state, and once a test has run autograd's device
-threads, as ``torch.export`` does, a forked child cannot run backward), runs one scenario in each and saves
-what it saw to ``tmp_path``; the assertions run here. The one-process reference sees the same
+Each test starts ``WORLD`` processes on 127.0.0.1 (forked from a fork server that imported torch
+once, where the platform has one: a spawned child re-imports torch, which costs seconds), runs one
+scenario in each and saves what it saw to ``tmp_path``; the assertions run here. The one-process reference sees the same
 global batch as the same per-rank shards (``WORLD`` micro-batches, gradients accumulated), so
 each BatchNorm, the ghost skips' own included, normalizes over the same samples as under DDP;
 SyncBatchNorm, which would normalize over the global batch, runs only on GPUs.
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
-import multiprocessing
 import os
 import signal
 import socket
@@ -58,6 +55,9 @@ RECIPE = dict(total_steps=8, warmup=0.5, neuron_warmup=0.25)
 """Ghost neurons retire after 2 optimizer steps, ghost skips after 4 (of the ``STEPS`` run)."""
 TIMEOUT_S = 150
 START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
+"""Not "fork": a test earlier in the same process may have started autograd's worker threads (``torch.export``
+does), after which a forked child's backward raises "Unable to handle autograd's threading in combination
+with fork-based multiprocessing". The fork server starts clean, imports torch once, and forks from there."""
 ATOL = 1e-5
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
 
@@ -85,12 +85,14 @@ class Net(nn.Module):
         return self.fc(self.blocks(F.relu(self.stem(x))).mean(dim=(2, 3)))
 
 
-def build(mask_seed: int = 0) -> tuple[Net, dict[str, torch.Tensor]]:
+def build(
+    mask_seed: int = 0, recipe: Recipe | None = None, kernels: str = "off"
+) -> tuple[Net, dict[str, torch.Tensor]]:
     """What every process does first: the same seed, model, mask and recipe."""
     torch.manual_seed(0)
     model = Net()
     mask = bernoulli_mask(model, density=0.5, seed=mask_seed)
-    tost.prepare(model, mask, Recipe.tost(**RECIPE))
+    tost.prepare(model, mask, recipe or Recipe.tost(**RECIPE), sparse_kernels=kernels)
     return model, mask
 
 
@@ -126,9 +128,13 @@ def live_masks(model: nn.Module, mask: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def scaffolding_called(model: nn.Module) -> set[str]:
-    """Scaffolding modules the current graph calls: empty once the ghost skips retired."""
+    """Scaffolding modules the current graph calls: empty once the ghost skips retired (sparse kernels aside)."""
     nodes = tost.graph(model).graph.nodes
-    return {str(n.target) for n in nodes if n.op == "call_module" and str(n.target).startswith("tost.")}
+    return {
+        str(n.target)
+        for n in nodes
+        if n.op == "call_module" and str(n.target).startswith("tost.") and not str(n.target).startswith("tost.kernels.")
+    }
 
 
 def record(model: nn.Module, mask: dict[str, torch.Tensor], log: dict) -> dict:
@@ -142,16 +148,17 @@ def record(model: nn.Module, mask: dict[str, torch.Tensor], log: dict) -> dict:
     with torch.no_grad():
         out = model(EVAL_BATCH)
     model.train()
-    return dict(log, state=state, masks=masks, effective_zero=effective_zero, eval=out)
+    kernels = list(tost.status(model).sparse_kernels.values())
+    return dict(log, state=state, masks=masks, effective_zero=effective_zero, eval=out, kernels=kernels)
 
 
-def reference_run() -> dict:
+def reference_run(recipe: Recipe | None = None) -> dict:
     """One process, the global batch of each step as ``WORLD`` accumulated micro-batches.
 
     DDP broadcasts rank 0's buffers at each forward, so BatchNorm running statistics follow
     rank 0's shard only: the other shards' updates are undone here.
     """
-    model, mask = build()
+    model, mask = build(recipe=recipe)
     optimizer = make_optimizer(model)
     tost.bind(model, optimizer)
     log: dict[str, list] = {"losses": [], "steps": [], "active": [], "smoothing": []}
@@ -180,8 +187,8 @@ def reference_run() -> dict:
 
 
 def _train_ddp(rank: int, *, wrap: Callable[[nn.Module], nn.Module], rewrap: Callable | None = None,
-               mask_seed: int = 0) -> dict:
-    model, mask = build(mask_seed)
+               mask_seed: int = 0, **built) -> dict:  # noqa: ANN003
+    model, mask = build(mask_seed, **built)
     ddp = wrap(model)
     optimizer = make_optimizer(model)
     tost.bind(model, optimizer)
@@ -232,6 +239,11 @@ def _rewrap_when_skips_retire(*, freeze: bool) -> Callable:
 
 def scenario_find_unused(rank: int) -> dict:
     return _train_ddp(rank, wrap=_ddp(find_unused_parameters=True))
+
+
+def scenario_sparse_kernels(rank: int) -> dict:
+    """Masks only, every masked layer on the sparse kernels, plain DDP."""
+    return _train_ddp(rank, wrap=_ddp(), recipe=Recipe.baseline(), kernels="on")
 
 
 def scenario_rewrap(rank: int) -> dict:
@@ -390,8 +402,9 @@ def run_processes(scenario: str, tmp_path: Path) -> list[dict]:
     import torch._dynamo  # noqa: F401 - DDP imports it: once here, not once per process
     import torch.distributed.fsdp  # noqa: F401
 
-    if START_METHOD == "forkserver":  # the server imports these once; each child is a fork of it
-        multiprocessing.set_forkserver_preload([__name__, "torch._dynamo", "torch.distributed.fsdp"])
+    if START_METHOD == "forkserver":
+        mp.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed.fsdp", "tost_surgery", __name__])
+
     context = mp.start_processes(
         _process, args=(scenario, _free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method=START_METHOD
     )
@@ -455,6 +468,18 @@ def test_ddp_matches_one_process_through_retirement(tmp_path, reference) -> None
             assert torch.equal(value, second["state"][key]), key
     for name, mask in first["masks"].items():
         assert torch.equal(mask, second["masks"][name]) and set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_ddp_on_sparse_kernels_matches_one_process_on_the_dense_path(tmp_path) -> None:
+    """The kernels change how gradients are computed, not what DDP averages or the optimizer sees."""
+    results = run_processes("sparse_kernels", tmp_path)
+    assert_no_crash(results)
+    reference = reference_run(Recipe.baseline())  # sparse_kernels="off"
+    for rank, result in enumerate(results):
+        assert result["kernels"] == ["sparse"] * 4
+        assert_matches_reference(result, reference, rank=rank)
+        for step, losses in enumerate(reference["losses"]):
+            assert result["losses"][step] == pytest.approx(losses[rank], abs=ATOL)
 
 
 def test_ddp_rewrapped_when_the_skips_retire(tmp_path, reference) -> None:

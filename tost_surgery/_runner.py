@@ -15,6 +15,7 @@ from ._fx._codegen import compile_forward
 from ._fx._context import SITE, TAG
 from ._fx._layout import CallSignature, Layout
 from ._fx._tracing import Tracing, trace_call
+from ._fx.passes import route_to_kernels
 from ._fx.passes.split_norm_act import split_norm_act
 from ._techniques import EagerFallback, graph_techniques
 
@@ -97,6 +98,8 @@ class Runner:
             for technique in graph_techniques():
                 if technique.name in self.active:
                     technique.insert(graph, self.context)
+            if not self.active:  # the plain masked model: its layers may run sparse kernels
+                route_to_kernels(graph, self.context)
             graph.lint()
             graphs[mode] = graph
         variant.graphs = graphs

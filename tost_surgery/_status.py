@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.console import Console
@@ -63,6 +63,10 @@ class Status:
     gradinit: str | None = None
     """With ``rescale_rule="gradinit"``: ``pending`` until :func:`tost_surgery.init.gradinit` applies its
     scales, then ``applied``."""
+    sparse_kernels: dict[str, str] = field(default_factory=dict)
+    """With ``prepare(sparse_kernels=...)``: per masked layer, ``pending`` (not decided yet: decided at its
+    first training call with no scaffolding left), ``sparse (1.80x)`` (the measured speedup of forward +
+    backward), ``dense: why``, or ``off: why`` (no sparse kernel for it)."""
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -80,6 +84,7 @@ class Status:
         data["techniques"] = {name: asdict(t) for name, t in self.techniques.items()}
         data["notes"] = list(self.notes)
         data["methods"] = list(self.methods)
+        data["sparse_kernels"] = dict(self.sparse_kernels)
         return data
 
     def __rich__(self) -> Table:
@@ -125,7 +130,15 @@ def status(model: nn.Module) -> Status:
         masked=len(decided.entries),
         notes=tuple(runner.notes),
         gradinit=gradinit,
+        sparse_kernels=_kernel_states(surgery),
     )
+
+
+def _kernel_states(surgery) -> dict[str, str]:  # noqa: ANN001
+    kernels = getattr(surgery.runner.context.scaffold, "kernels", None)
+    states = {kernel.name: kernel.describe() for kernel in kernels.values()} if kernels is not None else {}
+    states.update({name: f"off: {why}" for name, why in surgery.decided.kernel_skipped.items()})
+    return states
 
 
 def _technique_status(technique, surgery) -> TechniqueStatus:  # noqa: ANN001

@@ -20,8 +20,11 @@ from ._modules import Scaffold
 from ._recipe import Recipe
 from ._rescale import outside_scope, rescale_factors, rescaled_layers
 from ._runner import Runner
+from ._sparse_kernels.layer import MODES, KernelPolicy, SparseLayer, ineligible
 from ._techniques import TECHNIQUES
 from ._write_through import plain_reads
+from .deploy._timing import Timer
+from .deploy.kernels import has_sparse_matmul
 
 # Methods rewritten besides forward when the model's class has them: timm's, which feature
 # extraction, distillation and training loops call instead of forward.
@@ -45,6 +48,10 @@ class Decisions:
     gradinit_layers: tuple[str, ...] | None = None
     """With ``rescale_rule="gradinit"``: the masked weights gradinit learns a scale for (whether it has
     is the saved buffer ``model.tost.gradinit_done``)."""
+    sparse_kernels: str = "off"
+    """``prepare(sparse_kernels=...)``: ``off``, ``auto`` or ``on``."""
+    kernel_skipped: dict[str, str] = field(default_factory=dict)
+    """Masked layers without a sparse training kernel, and why."""
 
 
 class Bindings(dict):
@@ -112,6 +119,8 @@ def prepare(
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     methods: Iterable[str] = (),
     strict: bool = False,
+    sparse_kernels: str = "off",
+    kernel_timer: Timer | None = None,
 ) -> nn.Module:
     """Attach ``mask`` and the ToST scaffolding to ``model``, in place.
 
@@ -129,11 +138,20 @@ def prepare(
             and ``forward_head`` are rewritten whenever the model has them).
         strict: raise a :class:`TraceError` instead of calling an untraceable submodule
             whole, or running an untraceable model eagerly (both warn by default).
+        sparse_kernels: ``"off"`` (default), ``"auto"`` or ``"on"``. Once no scaffolding is left
+            in the graph (from the start under :meth:`Recipe.baseline`), each masked Conv1d /
+            Conv2d / Linear runs sparse CPU kernels (forward, input gradient, weight gradient at
+            the mask's nonzeros) where, at its first training call, paired timing of forward +
+            backward on that call's shapes found them faster (``"auto"``), or always (``"on"``).
+            Parameters stay the same dense tensors; ``status(model).sparse_kernels`` shows the choices.
+        kernel_timer: how ``"auto"`` times a layer (default :class:`deploy.PairedTimer`); tests
+            inject timings here.
 
     Example:
         >>> model = prepare(model, masks.erk(model, 0.95), Recipe.tost(total_steps=10_000))
     """
     _check_preparable(model)
+    _check_sparse_kernels(sparse_kernels)
     names = _methods_to_rewrite(model, methods)
     recipe = _checked_recipe(recipe)
     entries = normalize_mask(model, resolve_mask(model, mask))
@@ -146,10 +164,13 @@ def prepare(
         t.name for t in TECHNIQUES if t.is_enabled(recipe) and t.coefficient is not None and (t.insert or t.eager)
     )
     surgery = Surgery(
-        Decisions(recipe, type(model).__name__, entries, enabled, names),
+        Decisions(recipe, type(model).__name__, entries, enabled, names, sparse_kernels=sparse_kernels),
         Runner(context, tracing, signatures, type(model).__name__),
     )
+    _plan_kernels(surgery, kernel_timer)
     _trace_methods(model, surgery)
+    if sparse_kernels != "off" and surgery.runner.tracing is None:
+        surgery.runner.notes.append("sparse kernels not used: they need a graph")
     context.can_add_modules = False  # later traces reuse these skips: new ones would miss the optimizer
     default = surgery.runner.default_variant
     graph = default.pristine[True] if default else None
@@ -182,6 +203,38 @@ def _checked_recipe(recipe: object) -> Recipe:
             "Hint: Recipe.tost(total_steps=N) or Recipe.baseline()."
         )
     return recipe
+
+
+def _check_sparse_kernels(value: object) -> None:
+    if isinstance(value, str) and value in MODES:
+        return
+    raise TostSurgeryError(
+        f"sparse_kernels must be one of {', '.join(map(repr, MODES))};\nfound: {value!r}."
+        + did_you_mean(str(value), MODES)
+        + "\nHint: sparse_kernels='auto' times each masked layer and keeps the faster path."
+    )
+
+
+def _plan_kernels(surgery: Surgery, timer: Timer | None) -> None:
+    """A :class:`SparseLayer` under ``model.tost.kernels`` per masked layer with a sparse training kernel."""
+    decided, context = surgery.decided, surgery.runner.context
+    if decided.sparse_kernels == "off":
+        return
+    policy = KernelPolicy.of(decided.sparse_kernels, timer)
+    kernels = nn.ModuleDict()
+    for entry in decided.entries:
+        if entry.attr != "weight":
+            continue  # a masked bias: read through its parametrization by the layer's kernel
+        why = "a tied weight" if entry.aliases else ineligible(entry.module)
+        if why:
+            decided.kernel_skipped[entry.module_name] = why
+            continue
+        key = f"tost_kernel_{len(kernels)}"
+        kernels[key] = SparseLayer(entry.module_name, entry.module, policy)
+        context.layer_to_kernel[entry.module_name] = f"tost.kernels.{key}"
+    context.scaffold.add_module("kernels", kernels)
+    if not has_sparse_matmul():
+        warn("sparse_kernels: torch has no MKL sparse matmul here (a build without MKL); every layer stays dense.")
 
 
 def _plan_gradinit(surgery: Surgery, normalized: frozenset[str], device: torch.device) -> None:

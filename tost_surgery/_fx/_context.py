@@ -36,6 +36,8 @@ class PassContext:
     can_add_modules: bool = True
     """False once prepare has returned: a graph traced later reuses the ghost modules it made (a new
     one would be missing from the optimizer and from checkpoints)."""
+    layer_to_kernel: dict[str, str] = field(default_factory=dict)
+    """Masked layers that have a sparse training kernel, and its module's graph target."""
 
 
 def schedule_coefficient(graph: fx.Graph, technique: str) -> fx.Node:

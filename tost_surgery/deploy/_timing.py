@@ -8,6 +8,7 @@ same round: slow drifts of a shared machine's load cancel in each ratio. Written
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -53,7 +54,8 @@ class PairedTimer:
     interrupts). Timing stops after ``min_rounds`` once the outcome is clear in every round so
     far: either one candidate was at least ``clear`` times faster than dense and faster than
     every other candidate, or every candidate was at least ``clear`` times slower than dense.
-    No threshold between ``1 / clear`` and ``clear`` can then flip the choice.
+    No threshold between ``1 / clear`` and ``clear`` can then flip the choice. Candidates run
+    under ``torch.inference_mode`` unless ``inference`` is False (candidates that run a backward).
 
     Example:
         >>> timing = PairedTimer(rounds=5)("fc", {"dense": dense_fn, "csr": csr_fn})
@@ -64,10 +66,11 @@ class PairedTimer:
     max_repeats: int = 50
     min_rounds: int = 3
     clear: float = 1.5
+    inference: bool = True
 
     def __call__(self, layer: str, candidates: Mapping[str, Callable[[], object]]) -> Timing:
         names = list(candidates)
-        with torch.inference_mode():
+        with torch.inference_mode() if self.inference else contextlib.nullcontext():
             # One call each sizes the turns and warms the allocator and MKL up; it is not a round.
             slowest = max(_seconds(fn, 1) for fn in candidates.values())
             repeats = int(min(self.max_repeats, max(1, self.turn_seconds / max(slowest, 1e-9))))
