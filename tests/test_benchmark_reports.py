@@ -4,7 +4,8 @@ Each expected file was written by the benchmark that measured the data (the comm
 ``benchmarks/results`` and ``benchmarks/COVERAGE.md``, and small fixtures in
 ``tests/fixtures/benchmarks``); a renderer change that moves a number or a word shows here.
 Rendering takes milliseconds and needs no torch, except the accuracy report's (a third of a
-second): it names each record by the variants whose Recipe, with today's defaults, it trained with.
+second): it names each record by the variants whose Recipe, with today's defaults, it trained with
+(``benchmarks/deploy.py``, whose page is checked too, imports torch to run, not to render).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ try:
     import accuracy_keys
     import accuracy_report
     import coverage_report
+    import deploy as deploy_benchmark
     import gpu_check_report
     import overhead_report
 finally:
@@ -98,6 +100,12 @@ def test_gpu_check_table_prints_again_from_its_json() -> None:
     console = Console(file=buffer, width=160, color_system=None, force_terminal=False)
     gpu_check_report.print_report(_common.read_json(FIXTURES / "gpu_check.json"), console)
     assert buffer.getvalue() == (FIXTURES / "gpu_check.txt").read_text()
+
+
+def test_deploy_page_renders_again_from_the_committed_jsonl() -> None:
+    records = deploy_benchmark.read_records(RESULTS / "deploy.jsonl")
+    assert len(records) == 90
+    assert deploy_benchmark.render(records) == (RESULTS / "deploy.md").read_text()
 
 
 def _accuracy_settings(page: str) -> argparse.Namespace:
