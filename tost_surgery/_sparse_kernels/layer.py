@@ -108,7 +108,7 @@ class SparseLayer(nn.Module):
         return native_sparse_conv(x, layer.parametrizations.weight.original, layer.bias, structure)
 
     def describe(self) -> str:
-        """``pending``, ``sparse (2.54x)`` / ``native (3.10x)`` (no figure when not timed), or ``dense: why``."""
+        """``pending``, ``sparse (2.54x)`` / ``native (<speedup>x)`` (no figure when not timed), or ``dense: why``."""
         if self.choice is None:
             return PENDING
         if self.choice.kernel in (SPARSE, NATIVE):
