@@ -19,11 +19,14 @@ momentum) of the whole model:
     sparse     tost.prepare(model, mask, sparse_kernels="auto"): each layer decided by paired
                timing at its first training step (done before timing starts, and its wall
                time reported)
+    native     (with --native) the same with native_kernels=True: the compiled fused conv
+               kernels are a third candidate per layer (in --layers: the native kernel itself)
 
     python benchmarks/train_speed.py                                  # ResNet-20 b128, ResNet-18 b32
     python benchmarks/train_speed.py --models resnet18_cifar --masks uniform --sparsities 0.98
     python benchmarks/train_speed.py --layers --models resnet18_cifar --sparsities 0.9 0.95 0.98
     python benchmarks/train_speed.py --two-threads                    # one and two threads
+    python benchmarks/train_speed.py --native --models resnet18_cifar --sparsities 0.95 0.98
 
 Prints Markdown tables (and writes them to ``--out`` when given). Never a pass/fail on time.
 """
@@ -46,6 +49,7 @@ from torch.nn.utils import parametrize
 import tost_surgery as tost
 from tost_surgery._masking import MaskParametrization
 from tost_surgery._sparse_kernels import ConvStructure, LinearStructure, sparse_conv, sparse_linear
+from tost_surgery._sparse_kernels.native import NativeStructure, native_sparse_conv
 from tost_surgery._write_through import plain_reads
 from tost_surgery.deploy.kernels import ConvGeometry
 
@@ -53,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import cpu_model, git_state, interleaved, load_average, markdown_table, quartiles  # noqa: E402
 
-VARIANTS = ("dense", "masked", "sparse")
+VARIANTS = ("dense", "masked", "sparse", "native")
 
 
 def resnet18_cifar() -> nn.Module:
@@ -123,7 +127,7 @@ def ratio(quartile: tuple[float, float, float]) -> str:
 
 
 def model_cell(name: str, mask_kind: str, sparsity: float, args: argparse.Namespace) -> list[str]:
-    """One row: step times of the three variants of ``name`` under one mask."""
+    """One row: step times of the variants of ``name`` under one mask."""
     build, batch, shape = MODELS[name]
     torch.manual_seed(0)
     base = build()
@@ -133,21 +137,28 @@ def model_cell(name: str, mask_kind: str, sparsity: float, args: argparse.Namesp
         for key, keep in mask.items():
             dense.get_parameter(key).mul_(keep)
     masked = tost.prepare(copy.deepcopy(base), mask)
-    sparse = tost.prepare(copy.deepcopy(base), mask, sparse_kernels="auto")
+    models = {"sparse": tost.prepare(copy.deepcopy(base), mask, sparse_kernels="auto")}
+    if args.native:
+        models["native"] = tost.prepare(copy.deepcopy(base), mask, sparse_kernels="auto", native_kernels=True)
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, *shape, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
-    steps = {"dense": stepper(dense, x, y), "masked": stepper(masked, x, y), "sparse": stepper(sparse, x, y)}
-    start = time.perf_counter()
-    steps["sparse"]()  # the first training step decides each layer
-    decide_s = time.perf_counter() - start
+    steps = {"dense": stepper(dense, x, y), "masked": stepper(masked, x, y)}
+    steps.update({variant: stepper(model, x, y) for variant, model in models.items()})
+    decide_s = {}
+    for variant in models:
+        start = time.perf_counter()
+        steps[variant]()  # the first training step decides each layer
+        decide_s[variant] = time.perf_counter() - start
     result = paired(steps, args.rounds, args.turn_seconds)
-    kernels = tost.status(sparse).sparse_kernels.values()
-    chosen = sum(1 for k in kernels if k.startswith("sparse"))
-    return [
+    row = [
         name, str(batch), mask_kind, f"{sparsity:.0%}", str(torch.get_num_threads()), f"{result['ms']['dense']:.0f}",
-        ratio(result["speedup"]["masked"]), ratio(result["speedup"]["sparse"]), f"{chosen}/{len(kernels)}",
-        f"{decide_s:.1f}",
+        ratio(result["speedup"]["masked"]),
     ]  # fmt: skip
+    for variant, model in models.items():
+        kernels = tost.status(model).sparse_kernels.values()
+        chosen = sum(1 for k in kernels if not k.startswith(("dense", "off", "pending")))
+        row += [ratio(result["speedup"][variant]), f"{chosen}/{len(kernels)}", f"{decide_s[variant]:.1f}"]
+    return row
 
 
 def stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -163,10 +174,9 @@ def stepper(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], 
     return step
 
 
-MODEL_HEAD = [
-    "model", "batch", "mask", "sparsity", "threads", "dense step ms", "masked vs dense", "sparse kernels vs dense",
-    "layers sparse", "decide s",
-]  # fmt: skip
+MODEL_HEAD = ["model", "batch", "mask", "sparsity", "threads", "dense step ms", "masked vs dense"]
+SPARSE_HEAD = ["sparse kernels vs dense", "layers sparse", "decide s"]
+NATIVE_HEAD = ["native vs dense", "layers sparse or native", "native decide s"]
 
 
 # --------------------------------------------------------------------------- layers
@@ -200,7 +210,7 @@ def layer_shapes(name: str) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
 def layer_cell(
     model: str, layer_name: str, layer: nn.Module, shape: tuple[int, ...], sparsity: float, args
 ) -> list[str]:  # noqa: ANN001
-    """One row: forward + backward of one layer, three ways."""
+    """One row: forward + backward of one layer, three ways (four with ``--native``)."""
     torch.manual_seed(0)
     layer = copy.deepcopy(layer)
     keep = torch.rand(layer.weight.shape) >= sparsity
@@ -217,17 +227,19 @@ def layer_cell(
     else:
         structure = ConvStructure.of(keep, ConvGeometry.of(layer))
         sparse = lambda: sparse_conv(x, layer.weight, layer.bias, structure)  # noqa: E731
+        fused = NativeStructure.of(keep, ConvGeometry.of(layer)) if args.native else None
+        native = lambda: native_sparse_conv(x, layer.weight, layer.bias, fused)  # noqa: E731
     params = [layer.weight, masked.parametrizations.weight.original]
 
     def step(forward: Callable[[], torch.Tensor], weight: torch.Tensor) -> Callable[[], object]:
         return lambda: torch.autograd.grad(forward(), [x, weight], grad)
 
+    runs = {"dense": step(lambda: layer(x), params[0]), "masked": step(lambda: masked(x), params[1]),
+            "sparse": step(sparse, params[0])}  # fmt: skip
+    if args.native:
+        runs["native"] = step(sparse if isinstance(layer, nn.Linear) else native, params[0])  # Linear: torch-only
     with plain_reads:
-        result = paired(
-            {"dense": step(lambda: layer(x), params[0]), "masked": step(lambda: masked(x), params[1]),
-             "sparse": step(sparse, params[0])},
-            args.rounds, args.turn_seconds,
-        )  # fmt: skip
+        result = paired(runs, args.rounds, args.turn_seconds)
     kind = (
         "linear" if isinstance(layer, nn.Linear) else f"{layer.kernel_size[0]}x{layer.kernel_size[1]}/{layer.stride[0]}"
     )
@@ -235,7 +247,7 @@ def layer_cell(
         model, layer_name, kind, f"{shape[1]}->{layer.weight.shape[0]}", "x".join(map(str, shape[2:])) or "-",
         str(shape[0]), f"{sparsity:.0%}", str(torch.get_num_threads()), f"{result['ms']['dense']:.1f}",
         ratio(result["speedup"]["masked"]), ratio(result["speedup"]["sparse"]),
-    ]  # fmt: skip
+    ] + ([ratio(result["speedup"]["native"])] if args.native else [])  # fmt: skip
 
 
 LAYER_HEAD = [
@@ -256,6 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--turn-seconds", type=float, default=0.2, help="each variant's turn lasts about this long")
     parser.add_argument("--two-threads", action="store_true", help="also at two threads")
+    parser.add_argument("--native", action="store_true", help="also the compiled kernels (native_kernels=True)")
     parser.add_argument("--out", type=Path, help="write the Markdown table here too")
     return parser.parse_args(argv)
 
@@ -281,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                 for sparsity in args.sparsities:
                     rows.append(model_cell(model, mask_kind, sparsity, args))
                     print(" | ".join(rows[-1]), flush=True)
-    head = LAYER_HEAD if args.layers else MODEL_HEAD
+    if args.layers:
+        head = LAYER_HEAD + (["native vs dense"] if args.native else [])
+    else:
+        head = MODEL_HEAD + SPARSE_HEAD + (NATIVE_HEAD if args.native else [])
     right = range(5, len(head)) if args.layers else range(3, len(head))
     lines += markdown_table(head, rows, right=right)
     lines += ["", f"load average after: {load_average()}"]

@@ -276,3 +276,15 @@ def test_train_speed_smoke(tmp_path: Path) -> None:
     run("train_speed.py", "--layers", "--models", "tiny_cnn", "--sparsities", "0.9", "--rounds", "2",
         "--turn-seconds", "0.001", "--out", str(layers))  # fmt: skip
     assert sum(line.startswith("| tiny_cnn |") for line in layers.read_text().splitlines()) == 3
+
+
+@pytest.mark.slow  # builds the compiled training kernels on a first run
+def test_train_speed_native_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "train_speed.md"
+    run(
+        "train_speed.py", "--models", "tiny_cnn", "--masks", "erk", "--sparsities", "0.9", "--rounds", "2",
+        "--turn-seconds", "0.001", "--native", "--out", str(out),
+    )  # fmt: skip
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny_cnn |")]
+    assert len(rows) == 1 and rows[0].count("|") == 14  # thirteen columns
+    assert rows[0].split("|")[12].strip().endswith("/3")

@@ -66,7 +66,8 @@ class Status:
     sparse_kernels: dict[str, str] = field(default_factory=dict)
     """With ``prepare(sparse_kernels=...)``: per masked layer, ``pending`` (not decided yet: decided at its
     first training call with no scaffolding left), ``sparse (1.80x)`` (the measured speedup of forward +
-    backward), ``dense: why``, or ``off: why`` (no sparse kernel for it)."""
+    backward), ``native (<speedup>x)`` (the compiled kernels, with ``native_kernels=True``), ``dense: why``, or
+    ``off: why`` (no sparse kernel for it)."""
 
     @property
     def active(self) -> tuple[str, ...]:

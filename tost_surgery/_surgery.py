@@ -21,6 +21,7 @@ from ._recipe import Recipe
 from ._rescale import outside_scope, rescale_factors, rescaled_layers
 from ._runner import Runner
 from ._sparse_kernels.layer import MODES, KernelPolicy, SparseLayer, ineligible
+from ._sparse_kernels.native import training_native_available
 from ._techniques import TECHNIQUES
 from ._write_through import plain_reads
 from .deploy._timing import Timer
@@ -121,6 +122,7 @@ def prepare(
     strict: bool = False,
     sparse_kernels: str = "off",
     kernel_timer: Timer | None = None,
+    native_kernels: bool = False,
 ) -> nn.Module:
     """Attach ``mask`` and the ToST scaffolding to ``model``, in place.
 
@@ -146,12 +148,17 @@ def prepare(
             Parameters stay the same dense tensors; ``status(model).sparse_kernels`` shows the choices.
         kernel_timer: how ``"auto"`` times a layer (default :class:`deploy.PairedTimer`); tests
             inject timings here.
+        native_kernels: with ``sparse_kernels`` ``"auto"`` or ``"on"``, also use the optional
+            compiled CPU kernels for float32 convs (not 1x1 unpadded): built with torch's C++
+            extension tooling at this call (minutes the first time, then cached). ``"auto"``
+            times them as a third candidate; ``"on"`` runs them. Without a compiler: a warning,
+            and the torch-only kernels.
 
     Example:
         >>> model = prepare(model, masks.erk(model, 0.95), Recipe.tost(total_steps=10_000))
     """
     _check_preparable(model)
-    _check_sparse_kernels(sparse_kernels)
+    _check_sparse_kernels(sparse_kernels, native_kernels)
     names = _methods_to_rewrite(model, methods)
     recipe = _checked_recipe(recipe)
     entries = normalize_mask(model, resolve_mask(model, mask))
@@ -167,7 +174,7 @@ def prepare(
         Decisions(recipe, type(model).__name__, entries, enabled, names, sparse_kernels=sparse_kernels),
         Runner(context, tracing, signatures, type(model).__name__),
     )
-    _plan_kernels(surgery, kernel_timer)
+    _plan_kernels(surgery, kernel_timer, native_kernels)
     _trace_methods(model, surgery)
     if sparse_kernels != "off" and surgery.runner.tracing is None:
         surgery.runner.notes.append("sparse kernels not used: they need a graph")
@@ -205,22 +212,34 @@ def _checked_recipe(recipe: object) -> Recipe:
     return recipe
 
 
-def _check_sparse_kernels(value: object) -> None:
-    if isinstance(value, str) and value in MODES:
-        return
-    raise TostSurgeryError(
-        f"sparse_kernels must be one of {', '.join(map(repr, MODES))};\nfound: {value!r}."
-        + did_you_mean(str(value), MODES)
-        + "\nHint: sparse_kernels='auto' times each masked layer and keeps the faster path."
-    )
+def _check_sparse_kernels(value: object, native: object) -> None:
+    if not (isinstance(value, str) and value in MODES):
+        raise TostSurgeryError(
+            f"sparse_kernels must be one of {', '.join(map(repr, MODES))};\nfound: {value!r}."
+            + did_you_mean(str(value), MODES)
+            + "\nHint: sparse_kernels='auto' times each masked layer and keeps the faster path."
+        )
+    if not isinstance(native, bool):
+        raise TostSurgeryError(
+            f"native_kernels must be True or False;\nfound: {native!r}.\nHint: native_kernels=True."
+        )
+    if native and value == "off":
+        raise TostSurgeryError(
+            "native_kernels=True needs the sparse kernels on;\nexpected: sparse_kernels 'auto' or 'on'\n"
+            "found: sparse_kernels='off'\nHint: prepare(..., sparse_kernels='auto', native_kernels=True)."
+        )
 
 
-def _plan_kernels(surgery: Surgery, timer: Timer | None) -> None:
+def _plan_kernels(surgery: Surgery, timer: Timer | None, native: bool) -> None:
     """A :class:`SparseLayer` under ``model.tost.kernels`` per masked layer with a sparse training kernel."""
     decided, context = surgery.decided, surgery.runner.context
     if decided.sparse_kernels == "off":
         return
-    policy = KernelPolicy.of(decided.sparse_kernels, timer)
+    if native:
+        native, why = training_native_available()
+        if not native:
+            warn(f"native_kernels: the compiled kernels could not be built ({why}); the torch-only kernels run.")
+    policy = KernelPolicy.of(decided.sparse_kernels, timer, native)
     kernels = nn.ModuleDict()
     for entry in decided.entries:
         if entry.attr != "weight":

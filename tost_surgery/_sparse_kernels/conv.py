@@ -217,9 +217,16 @@ def _tap_forward(
             beta = 1.0
     if not structure.taps:
         out.zero_()
-    _, _, batch, rows, cols = planes.shape
+    return _output(out, planes, (out_h, out_w), bias, structure.out_channels)
+
+
+def _output(
+    out: torch.Tensor, planes: Planes, size: tuple[int, int], bias: torch.Tensor | None, out_channels: int
+) -> torch.Tensor:
+    """``(O, N * rows * cols)`` on the padded grid to ``(N, O, out_h, out_w)``, plus the bias."""
+    (out_h, out_w), (_, _, batch, rows, cols) = size, planes.shape
     grid = out.view(-1, batch, rows, cols)[:, :, :out_h, :out_w].transpose(0, 1)
-    result = out.new_empty(batch, structure.out_channels, out_h, out_w)
+    result = out.new_empty(batch, out_channels, out_h, out_w)
     if bias is None:
         return result.copy_(grid)
     return torch.add(grid, bias.view(1, -1, 1, 1), out=result)
@@ -227,11 +234,8 @@ def _tap_forward(
 
 def _tap_backward(planes, shape, weight, grad_out, structure, needs):  # noqa: ANN001, ANN202
     """Input gradient and per-tap weight gradient values through the shifted views (module docstring)."""
-    _, channels, batch, rows, cols = planes.shape
-    out_channels, (out_h, out_w) = structure.out_channels, grad_out.shape[2:]
-    grid = grad_out.new_zeros(out_channels, batch, rows, cols)
-    grid[:, :, :out_h, :out_w].copy_(grad_out.transpose(0, 1))
-    grad_rows = grid.view(out_channels, planes.plane)
+    channels, out_channels = planes.shape[1], structure.out_channels
+    grad_rows = _grad_rows(grad_out, planes, out_channels, front=0).view(out_channels, planes.plane)
     grad_planes = Planes(torch.zeros_like(planes.buffer), planes.shape) if needs[0] else None
     if grad_planes is not None:
         transposed = [
@@ -248,6 +252,19 @@ def _tap_backward(planes, shape, weight, grad_out, structure, needs):  # noqa: A
             tap_grads.append(_sampled(tap, grad_rows, view, (out_channels, channels)))
     grad_x = None if grad_planes is None else _unpad(grad_planes, structure.geometry, shape)
     return grad_x, tap_grads
+
+
+def _grad_rows(grad_out: torch.Tensor, planes: Planes, out_channels: int, front: int) -> torch.Tensor:
+    """The output gradient on the padded grid, zeros past the output's edge: ``O * N * rows * cols`` values.
+
+    They follow ``front`` zeros in the flat buffer returned (the fused input gradient reads before row 0).
+    """
+    _, _, batch, rows, cols = planes.shape
+    out_h, out_w = grad_out.shape[2:]
+    buffer = grad_out.new_zeros(front + out_channels * planes.plane)
+    grid = buffer[front:].view(out_channels, batch, rows, cols)
+    grid[:, :, :out_h, :out_w].copy_(grad_out.transpose(0, 1))
+    return buffer
 
 
 def _sampled(tap: TapStructure, grad_rows: torch.Tensor, view: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

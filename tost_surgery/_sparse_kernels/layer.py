@@ -6,7 +6,9 @@ it instead of the layer. It holds no parameter or buffer (``state_dict`` is unch
 reads the layer's own dense weight, so optimizers, checkpoints and data-parallel wrappers see
 the same tensors. At the first training forward it decides, once, between the layer's dense
 masked path and the sparse kernels: by paired timing of forward + backward on that call's
-input (``"auto"``), or sparse outright (``"on"``).
+input (``"auto"``), or sparse outright (``"on"``). With ``native`` (``prepare(...,
+native_kernels=True)``) a float32 conv that is not pointwise has a third candidate, the
+compiled fused kernels (``native``), and ``"on"`` picks them.
 """
 
 from __future__ import annotations
@@ -24,24 +26,28 @@ from ..deploy._timing import PairedTimer, Timer
 from ..deploy.kernels import ConvGeometry, candidates
 from .conv import ConvStructure, sparse_conv
 from .linear import LinearStructure, sparse_linear
+from .native import NativeStructure, native_sparse_conv
 
 MODES = ("off", "auto", "on")
 SPARSE = "sparse"
+NATIVE = "native"
 PENDING = "pending"
 
 
 @dataclass(frozen=True)
 class KernelPolicy:
-    """How the layers choose: ``mode`` (``"auto"`` or ``"on"``), the timer, the speedup a sparse kernel needs."""
+    """How the layers choose: ``mode`` (``"auto"`` or ``"on"``), the timer, the speedup a sparse kernel needs,
+    and whether the compiled kernels (built) are candidates."""
 
     mode: str
     timer: Timer
     min_speedup: float = 1.1
+    native: bool = False
 
     @classmethod
-    def of(cls, mode: str, timer: Timer | None) -> KernelPolicy:
+    def of(cls, mode: str, timer: Timer | None, native: bool = False) -> KernelPolicy:
         """The policy for ``prepare``'s arguments (the default timer keeps autograd on: it times a backward)."""
-        return cls(mode, timer or PairedTimer(inference=False))
+        return cls(mode, timer or PairedTimer(inference=False), native=native)
 
 
 def ineligible(layer: nn.Module) -> str:
@@ -79,7 +85,9 @@ class SparseLayer(nn.Module):
             if not (self.training and torch.is_grad_enabled()):
                 return layer(x)  # decided on a training call, on its shapes
             self.choice = self._decide(x)
-        return self.sparse(x) if self.choice.kernel == SPARSE else layer(x)
+        if self.choice.kernel == SPARSE:
+            return self.sparse(x)
+        return self.native(x) if self.choice.kernel == NATIVE else layer(x)
 
     def sparse(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's map on the sparse kernels (its dense weight read at the mask's nonzeros)."""
@@ -91,13 +99,32 @@ class SparseLayer(nn.Module):
             return sparse_linear(x, weight, layer.bias, structure)
         return sparse_conv(x, weight, layer.bias, structure)
 
+    def native(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv on the compiled fused kernels (:mod:`.native`), its dense weight read at the mask's nonzeros."""
+        layer = self.layer
+        mask = _mask_of(layer)
+        geometry = ConvGeometry.of(layer)
+        structure = cached_by_version(self, "_native", mask, lambda m: NativeStructure.of(m != 0, geometry))
+        return native_sparse_conv(x, layer.parametrizations.weight.original, layer.bias, structure)
+
     def describe(self) -> str:
-        """``pending``, ``sparse (2.54x)`` (or ``sparse`` when not timed), or ``dense: why``, for status."""
+        """``pending``, ``sparse (2.54x)`` / ``native (<speedup>x)`` (no figure when not timed), or ``dense: why``."""
         if self.choice is None:
             return PENDING
-        if self.choice.kernel == SPARSE:
-            return SPARSE if self.speedup is None else f"{SPARSE} ({self.speedup:.2f}x)"
+        if self.choice.kernel in (SPARSE, NATIVE):
+            kernel = self.choice.kernel
+            return kernel if self.speedup is None else f"{kernel} ({self.speedup:.2f}x)"
         return f"dense: {self.choice.reason}"
+
+    def native_fits(self) -> bool:
+        """Whether the compiled kernels are a candidate: asked for, a float32 conv, not pointwise."""
+        layer = self.layer
+        return (
+            self.policy.native
+            and isinstance(layer, (nn.Conv1d, nn.Conv2d))
+            and layer.parametrizations.weight.original.dtype == torch.float32
+            and not ConvGeometry.of(layer).is_pointwise
+        )
 
     def _structure_of(self, mask: torch.Tensor) -> LinearStructure | ConvStructure:
         kept = mask != 0
@@ -117,10 +144,11 @@ class SparseLayer(nn.Module):
 
     def _decide(self, x: torch.Tensor) -> Choice:
         if self.policy.mode == "on":
-            return Choice(SPARSE)
+            return Choice(NATIVE if self.native_fits() else SPARSE)
         timing = self.policy.timer(self.name, _step_candidates(self, x))
-        self.speedup = timing.speedup.get(SPARSE)
-        return choose(timing, self.policy.min_speedup)
+        choice = choose(timing, self.policy.min_speedup)
+        self.speedup = timing.speedup.get(choice.kernel)
+        return choice
 
 
 def _mask_of(layer: nn.Module) -> torch.Tensor:
@@ -139,4 +167,7 @@ def _step_candidates(kernel: SparseLayer, x: torch.Tensor) -> dict[str, Callable
     def step(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], object]:
         return lambda: torch.autograd.grad(forward(probe), inputs, grad) if inputs else forward(probe)
 
-    return {"dense": step(layer), SPARSE: step(kernel.sparse)}
+    steps = {"dense": step(layer), SPARSE: step(kernel.sparse)}
+    if kernel.native_fits():
+        steps[NATIVE] = step(kernel.native)
+    return steps

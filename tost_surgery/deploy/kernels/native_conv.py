@@ -14,14 +14,12 @@ Without a compiler the torch-only kernels run, with a warning saying why.
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..._errors import TostSurgeryError
+from ._build import availability, build_extension
 from .csr_conv import ConvGeometry, CsrConv
 from .csr_linear import check_inference
 
@@ -93,7 +91,6 @@ torch::Tensor sparse_conv(torch::Tensor planes, torch::Tensor row_ptr, torch::Te
 """
 
 
-@functools.cache
 def native_extension() -> object:
     """The compiled extension, or the exception that stopped the build (built once per process).
 
@@ -101,32 +98,12 @@ def native_extension() -> object:
         >>> isinstance(native_extension(), Exception)  # False where a C++ compiler is installed
         False
     """
-    quiet = logging.getLogger("torch.utils.cpp_extension")  # it logs about CUDA on CPU-only machines
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        return load_inline(
-            name="tost_surgery_deploy_native_v2",
-            cpp_sources=_SOURCE,
-            functions=["sparse_conv"],
-            extra_cflags=["-O3", "-march=native"],
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no ninja, a failed build: the torch-only path runs
-        return error
-    finally:
-        quiet.setLevel(level)
+    return build_extension("tost_surgery_deploy_native_v2", _SOURCE, ("sparse_conv",))
 
 
 def native_available() -> tuple[bool, str]:
     """``(True, "")`` once the extension is built, else ``(False, why not)``; builds it on first call."""
-    extension = native_extension()
-    if isinstance(extension, Exception):
-        first_line = str(extension).strip().splitlines()[0] if str(extension).strip() else ""
-        return False, f"{type(extension).__name__}: {first_line}"
-    return True, ""
+    return availability(native_extension())
 
 
 class NativeConv(nn.Module):
