@@ -76,6 +76,20 @@ def resnet20() -> nn.Module:
     return build()
 
 
+def resnet18() -> nn.Module:
+    """torchvision's resnet18 as it is (ImageNet stem, 1000 classes), trained at 224x224."""
+    import torchvision
+
+    return torchvision.models.resnet18(weights=None)
+
+
+def timm_resnet26d() -> nn.Module:
+    """timm's resnet26d (deep 3x3 stem, average-pool shortcuts), trained at 224x224."""
+    import timm
+
+    return timm.create_model("resnet26d", pretrained=False)
+
+
 def tiny_cnn() -> nn.Module:
     """A 3-layer CNN for the smoke test."""
     return nn.Sequential(
@@ -87,6 +101,8 @@ def tiny_cnn() -> nn.Module:
 MODELS: dict[str, tuple[Callable[[], nn.Module], int, tuple[int, int, int]]] = {
     "resnet20": (resnet20, 128, (3, 32, 32)),
     "resnet18_cifar": (resnet18_cifar, 32, (3, 32, 32)),
+    "resnet18": (resnet18, 8, (3, 224, 224)),
+    "timm_resnet26d": (timm_resnet26d, 8, (3, 224, 224)),
     "tiny_cnn": (tiny_cnn, 4, (3, 16, 16)),
 }
 DEFAULT_MODELS = ("resnet20", "resnet18_cifar")
