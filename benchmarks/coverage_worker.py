@@ -517,7 +517,7 @@ def noop() -> None:
 
 
 def child_main(args: argparse.Namespace, errlog: str) -> None:
-    """Entry of a model process (forked by the server): its own process group (setsid), stderr to ``errlog``, one thread."""
+    """Entry of a model process (forked by the server): own process group, stderr to ``errlog``, one thread."""
     os.setsid()  # the driver kills the whole group on timeout
     err = os.open(errlog, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(err, 2)
