@@ -31,22 +31,17 @@ import torch.nn.functional as F
 
 from ..deploy.kernels.csr_conv import ConvGeometry, _first, _tap_matrices, _taps, conv2d
 from ._index import csr_positions, position_matrix, positions_of
-from .linear import _csr
+from .linear import LinearStructure
 
 
 @dataclass(frozen=True)
 class TapStructure:
-    """One kernel tap that holds a kept weight: where it reads, and its CSR for ``W`` and ``W^T``."""
+    """One kernel tap that holds a kept weight: where it reads, and its ``(out, in)`` CSR for ``W`` and ``W^T``."""
 
     phase: int
     row_shift: int
     col_shift: int
-    crow: torch.Tensor
-    col: torch.Tensor
-    positions: torch.Tensor
-    t_crow: torch.Tensor
-    t_col: torch.Tensor
-    t_positions: torch.Tensor
+    csr: LinearStructure
 
 
 @dataclass(frozen=True)
@@ -79,9 +74,9 @@ class ConvStructure:
         positions = position_matrix(mask).reshape(out_channels, group_in, *geometry.kernel)
         taps = tuple(_tap_structure(tap) for tap in _taps(positions, inner))
         in_channels = group_in * geometry.groups
-        crow = torch.stack([t.crow for t in taps]) if taps else torch.zeros(0, out_channels + 1, dtype=torch.int32)
-        col = torch.cat([t.col for t in taps]) if taps else torch.zeros(0, dtype=torch.int32)
-        flat = torch.cat([t.positions for t in taps]) if taps else torch.zeros(0, dtype=torch.int64)
+        crow = torch.stack([t.csr.crow for t in taps]) if taps else torch.zeros(0, out_channels + 1, dtype=torch.int32)
+        col = torch.cat([t.csr.col for t in taps]) if taps else torch.zeros(0, dtype=torch.int32)
+        flat = torch.cat([t.csr.positions for t in taps]) if taps else torch.zeros(0, dtype=torch.int64)
         return cls(inner, geometry, out_channels, in_channels, taps, crow, col, flat)
 
     def matrices(self, weight: torch.Tensor) -> list:
@@ -92,11 +87,11 @@ class ConvStructure:
 
 def _tap_structure(tap) -> TapStructure:  # noqa: ANN001 - the deploy kernel's Tap, its values are positions
     matrix = tap.matrix
-    t_crow, t_col, t_positions = csr_positions(matrix.to_dense().T)
-    return TapStructure(
-        tap.phase, tap.row_shift, tap.col_shift, matrix.crow_indices(), matrix.col_indices(),
-        positions_of(matrix.values()), t_crow, t_col, t_positions,
+    csr = LinearStructure(
+        tuple(matrix.shape), matrix.crow_indices(), matrix.col_indices(), positions_of(matrix.values()),
+        *csr_positions(matrix.to_dense().T),
     )  # fmt: skip
+    return TapStructure(tap.phase, tap.row_shift, tap.col_shift, csr)
 
 
 def _zero_padded(geometry: ConvGeometry) -> ConvGeometry:
@@ -234,13 +229,11 @@ def _output(
 
 def _tap_backward(planes, shape, weight, grad_out, structure, needs):  # noqa: ANN001, ANN202
     """Input gradient and per-tap weight gradient values through the shifted views (module docstring)."""
-    channels, out_channels = planes.shape[1], structure.out_channels
+    out_channels = structure.out_channels
     grad_rows = _grad_rows(grad_out, planes, out_channels, front=0).view(out_channels, planes.plane)
     grad_planes = Planes(torch.zeros_like(planes.buffer), planes.shape) if needs[0] else None
     if grad_planes is not None:
-        transposed = [
-            _csr(t.t_crow, t.t_col, weight.reshape(-1)[t.t_positions], (channels, out_channels)) for t in structure.taps
-        ]
+        transposed = [t.csr.transposed(weight) for t in structure.taps]
         for start in range(0, planes.plane, CHUNK):
             length = min(CHUNK, planes.plane - start)
             for tap, matrix in zip(structure.taps, transposed):
@@ -249,7 +242,7 @@ def _tap_backward(planes, shape, weight, grad_out, structure, needs):  # noqa: A
     if needs[1]:
         for tap in structure.taps:
             view = planes.rows(tap, 0, planes.plane)
-            tap_grads.append(_sampled(tap, grad_rows, view, (out_channels, channels)))
+            tap_grads.append(_sampled(tap, grad_rows, view))
     grad_x = None if grad_planes is None else _unpad(grad_planes, structure.geometry, shape)
     return grad_x, tap_grads
 
@@ -267,9 +260,9 @@ def _grad_rows(grad_out: torch.Tensor, planes: Planes, out_channels: int, front:
     return buffer
 
 
-def _sampled(tap: TapStructure, grad_rows: torch.Tensor, view: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+def _sampled(tap: TapStructure, grad_rows: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     """``grad_rows @ view^T`` at the tap's kept positions, in its CSR order."""
-    pattern = _csr(tap.crow, tap.col, grad_rows.new_zeros(tap.positions.numel()), shape)
+    pattern = tap.csr.pattern(grad_rows.dtype)
     return torch.sparse.sampled_addmm(pattern, grad_rows, view.T, beta=0.0).values()
 
 
@@ -295,13 +288,13 @@ def _pointwise_backward(x, weight, grad_out, structure, needs):  # noqa: ANN001,
         return (torch.zeros_like(x) if needs[0] else None), tap_grads
     tap = structure.taps[0]
     if needs[0]:
-        transposed = _csr(tap.t_crow, tap.t_col, weight.reshape(-1)[tap.t_positions], (channels, out_channels))
+        transposed = tap.csr.transposed(weight)
         grad_sampled = torch.zeros(channels, grad_rows.shape[1], dtype=x.dtype).addmm_(transposed, grad_rows)
         grad_x = torch.zeros_like(x)
         grad_x[:, :, ::sh, ::sw] = grad_sampled.view(channels, batch, *sampled.shape[2:]).transpose(0, 1)
     if needs[1]:
         images = sampled.permute(1, 0, 2, 3).reshape(channels, -1)
-        tap_grads.append(_sampled(tap, grad_rows, images, (out_channels, channels)))
+        tap_grads.append(_sampled(tap, grad_rows, images))
     return grad_x, tap_grads
 
 

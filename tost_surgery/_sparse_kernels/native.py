@@ -191,10 +191,11 @@ class FusedEntries:
 
 
 def _tap_entries(tap) -> tuple[torch.Tensor, ...]:  # noqa: ANN001 - a conv.TapStructure
-    counts = tap.crow[1:] - tap.crow[:-1]
+    counts = tap.csr.crow[1:] - tap.csr.crow[:-1]
     out_index = torch.repeat_interleave(torch.arange(counts.numel()), counts.long())
     like = torch.ones_like(out_index)
-    return out_index, tap.col.long(), like * tap.phase, like * tap.row_shift, like * tap.col_shift, tap.positions
+    csr = tap.csr
+    return out_index, csr.col.long(), like * tap.phase, like * tap.row_shift, like * tap.col_shift, csr.positions
 
 
 def _row_ptr(index: torch.Tensor, rows: int) -> torch.Tensor:
