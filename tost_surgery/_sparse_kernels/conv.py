@@ -24,6 +24,7 @@ than zeros pad first (differentiably, ``F.pad``) and run the rest as an unpadded
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -311,9 +312,15 @@ def sparse_conv(
         >>> sparse_conv(torch.randn(2, 8, 9, 9), conv.weight, conv.bias, structure).shape
         torch.Size([2, 16, 9, 9])
     """
-    is_1d = structure.padding.spatial_dims == 1
+    return through_2d(x, structure.padding, lambda x2d: SparseConvFunction.apply(x2d, weight, bias, structure))
+
+
+def through_2d(x: torch.Tensor, padding: ConvGeometry, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``run`` on ``x`` as a zero-padded-geometry 2-D input: a Conv1d's gains a height of 1, other
+    padding modes pad first (differentiably); the output comes back in ``x``'s dimensions."""
+    is_1d = padding.spatial_dims == 1
     x2d = x.unsqueeze(2) if is_1d else x
-    if structure.padding.padding_mode != "zeros":
-        x2d = F.pad(x2d, structure.padding.pads, mode=structure.padding.padding_mode)
-    out = SparseConvFunction.apply(x2d, weight, bias, structure)
+    if padding.padding_mode != "zeros":
+        x2d = F.pad(x2d, padding.pads, mode=padding.padding_mode)
+    out = run(x2d)
     return out.squeeze(2) if is_1d else out

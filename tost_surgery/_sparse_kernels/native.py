@@ -21,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..deploy.kernels._build import availability, build_extension
-from .conv import ConvStructure, Planes, _grad_rows, _output, _unpad, sparse_conv
+from .conv import ConvStructure, Planes, _grad_rows, _output, _unpad, sparse_conv, through_2d
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -288,9 +287,4 @@ def native_sparse_conv(
     conv = structure.conv
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or conv.geometry.is_pointwise:
         return sparse_conv(x, weight, bias, conv)
-    is_1d = conv.padding.spatial_dims == 1
-    x2d = x.unsqueeze(2) if is_1d else x
-    if conv.padding.padding_mode != "zeros":
-        x2d = F.pad(x2d, conv.padding.pads, mode=conv.padding.padding_mode)
-    out = NativeConvFunction.apply(x2d, weight, bias, structure)
-    return out.squeeze(2) if is_1d else out
+    return through_2d(x, conv.padding, lambda x2d: NativeConvFunction.apply(x2d, weight, bias, structure))
