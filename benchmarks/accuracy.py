@@ -22,6 +22,7 @@ start from the same masked network and see the same batches.
     python benchmarks/accuracy.py --grid ablation --jobs 2            # each technique alone / all but one, 0.98
     python benchmarks/accuracy.py --grid main --device cuda --jobs 4  # on a GPU
     python benchmarks/accuracy.py --eval-on val --variants tost --set warmup=0.6   # tuning (never on test)
+    python benchmarks/accuracy.py --variants baseline --sparse-kernels on   # kernels on vs the dense runs
     python benchmarks/accuracy.py --report                             # tables + plot from the jsonl only
 
 This file plans the grid and runs it (one worker per run); ``accuracy_keys.py`` says what a run
@@ -132,10 +133,12 @@ def _to_device(model: torch.nn.Module, mask: dict, data: cifar.CifarData, device
     return {name: m.to(device) for name, m in mask.items()}, data
 
 
-def _prepare(model: torch.nn.Module, mask: dict, recipe: tost.Recipe, data: cifar.CifarData, seed: int) -> dict:
-    """``tost.prepare``, then GradInit where the recipe asks; their times and GradInit's report."""
+def _prepare(model: torch.nn.Module, mask: dict, recipe: tost.Recipe, data: cifar.CifarData, key: RunKey) -> dict:
+    """``tost.prepare`` (with the key's sparse kernels), then GradInit where the recipe asks; their times and
+    GradInit's report."""
+    seed = key.seed
     start = time.perf_counter()
-    tost.prepare(model, mask, recipe)
+    tost.prepare(model, mask, recipe, **key.prepare_kwargs())
     timings: dict[str, Any] = {"prepare_s": round(time.perf_counter() - start, 3)}
     if recipe.rescale_init and recipe.rescale_rule == "gradinit":  # a learned scale per layer, before training
         start = time.perf_counter()
@@ -189,8 +192,9 @@ def run_one(key: RunKey, data_path: str, device: str, threads: int, log=print) -
     recipe = recipe_for(key.variant, total_steps, dict(key.overrides))
     model, mask, shas = _seeded_start(key, data)
     mask, data = _to_device(model, mask, data, device)
-    timings = _prepare(model, mask, recipe, data, key.seed)
+    timings = _prepare(model, mask, recipe, data, key)
     history, train_s = _train(model, data, config, key, log)
+    kernels = tost.status(model).sparse_kernels  # the per-layer choices, before finalize drops them
     tost.finalize(model)  # evaluate the plain sparse model the user gets
     return {
         "key": key.to_dict(),
@@ -204,6 +208,7 @@ def run_one(key: RunKey, data_path: str, device: str, threads: int, log=print) -
         "total": int(sum(m.numel() for m in mask.values())),
         **shas,
         "recipe": recipe.to_dict(),
+        **({"kernel_choices": kernels} if kernels else {}),
         **machine(device, threads),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -345,6 +350,7 @@ def plan(args: argparse.Namespace) -> list[RunKey]:
                 val_split=args.val_split,
                 subset=args.subset,
                 overrides=overrides,
+                kernels=args.sparse_kernels + ("+native" if args.native_kernels else ""),
             )
         )
     return keys
@@ -431,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--val-split", type=float, default=0.1, help="fraction of x_train held out (seeded, fixed)")
     add("--subset", type=int, default=None, help="use only this many images per split (smoke runs)")
     add("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="Recipe overrides, part of the key")
+    add("--sparse-kernels", choices=("off", "auto", "on"), default="off",
+        help="prepare(sparse_kernels=...): train through the sparse kernels once scaffolding retires (part of the key)")
+    add("--native-kernels", action="store_true", help="with --sparse-kernels: the compiled kernels too")
     add("--jobs", type=int, default=1, help="parallel worker processes")
     add("--threads", type=int, default=1, help="torch threads per worker")
     add("--device", default="cpu", help="cpu or cuda")
@@ -454,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
+    if args.native_kernels and args.sparse_kernels == "off":
+        parser.error("--native-kernels needs --sparse-kernels auto or on")
     if not Path(args.data).is_file():
         parser.error(f"data file not found: {args.data} (the CIFAR-10 subset lives in ../shared/data/)")
     return run_grid(args)

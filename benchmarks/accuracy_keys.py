@@ -27,6 +27,9 @@ SPARSITIES = (0.9, 0.95, 0.98)
 SEEDS = (0, 1, 2)
 ABLATION_SPARSITY = 0.98
 MAIN_VARIANTS = ("baseline", "tost")
+KERNELS = ("off", "auto", "on", "auto+native", "on+native")
+"""``prepare(sparse_kernels=..., native_kernels=...)`` of a run: ``off`` (dense, the reported grid) or the
+mode with ``+native`` for the compiled kernels."""
 TECHNIQUES = {t.name: dict(t.off) for t in tost.Recipe.techniques()}
 """technique -> the Recipe fields that turn it off (the library's table of techniques)."""
 ABLATION_VARIANTS = tuple(f"only_{t}" for t in TECHNIQUES) + tuple(f"no_{t}" for t in TECHNIQUES)
@@ -52,10 +55,14 @@ class RunKey:
     val_split: float = 0.1
     subset: int | None = None
     overrides: tuple[tuple[str, Any], ...] = ()
+    kernels: str = "off"
 
     def to_dict(self) -> dict[str, Any]:
+        """The key as records hold it; ``kernels`` only when on, as the records from before it have it."""
         data = asdict(self)
         data["overrides"] = dict(self.overrides)
+        if self.kernels == "off":
+            del data["kernels"]
         return data
 
     @classmethod
@@ -70,6 +77,11 @@ class RunKey:
         del data["variant"], data["overrides"]
         return data
 
+    def prepare_kwargs(self) -> dict[str, Any]:
+        """``tost.prepare``'s kernel arguments: ``{"sparse_kernels": "on", "native_kernels": True}``."""
+        mode, _, native = self.kernels.partition("+")
+        return {"sparse_kernels": mode, "native_kernels": native == "native"}
+
     def recipe(self) -> dict[str, Any]:
         """The resolved Recipe fields (``total_steps`` left out: it follows from the protocol)."""
         return recipe_fields(recipe_for(self.variant, 1, dict(self.overrides)).to_dict())
@@ -80,6 +92,7 @@ class RunKey:
 
     def label(self) -> str:
         extra = "".join(f" {k}={v}" for k, v in self.overrides)
+        extra += f" kernels={self.kernels}" if self.kernels != "off" else ""
         return f"{self.arch} {self.mask} s={self.sparsity} seed={self.seed} {self.variant}{extra} ({self.eval})"
 
 

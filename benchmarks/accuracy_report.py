@@ -75,8 +75,11 @@ def _verdict(gains: list[float]) -> str:
 # --------------------------------------------------------------------------- records to tables
 
 
-def _select(records: list[dict[str, Any]], args: argparse.Namespace, arch: str, **fixed: Any) -> Chosen:
-    """Latest record of ``arch`` per (mask, sparsity, seed, variant, overrides) matching the report's protocol.
+def _select(
+    records: list[dict[str, Any]], args: argparse.Namespace, arch: str, kernels: str = "off", **fixed: Any
+) -> Chosen:
+    """Latest record of ``arch`` per (mask, sparsity, seed, variant, overrides) matching the report's protocol,
+    trained with ``kernels`` (``off``: the dense runs every table but the kernels' one is made of).
 
     A record counts under every variant name whose Recipe it trained with (see :func:`labels_of`).
     """
@@ -85,6 +88,7 @@ def _select(records: list[dict[str, Any]], args: argparse.Namespace, arch: str, 
         key = record["key"]
         if (
             key["arch"] != arch
+            or key.get("kernels", "off") != kernels
             or key["epochs"] != args.epochs
             or key.get("subset") != args.subset
             or not math.isclose(key.get("val_split", 0.1), args.val_split)
@@ -207,6 +211,30 @@ def _tuning_rows(val: Chosen) -> list[dict[str, Any]]:
     return rows
 
 
+def _kernel_rows(records: list[dict[str, Any]], args: argparse.Namespace, arch: str, dense: Chosen) -> list[dict]:
+    """Each run with sparse kernels against the dense run of its (mask, sparsity, seed, Recipe), on test."""
+    rows = []
+    for kernels in sorted({r["key"].get("kernels", "off") for r in records} - {"off"}):
+        sparse = _select(records, args, arch, kernels, eval="test")
+        for mask, sparsity, variant, overrides in sorted({(k[0], k[1], k[3], k[4]) for k in sparse}):
+            ours = _cell(sparse, mask, sparsity, variant, "test_acc", overrides)
+            base = _cell(dense, mask, sparsity, variant, "test_acc", overrides)
+            rows.append(
+                {
+                    "kernels": kernels,
+                    "mask": mask,
+                    "sparsity": sparsity,
+                    "variant": variant,
+                    "overrides": json.loads(overrides),
+                    "dense": _summary(base.values()),
+                    "sparse": _summary(ours.values()),
+                    "difference": _summary(_gain(base, ours)),
+                    "per_seed": {"dense": base, "sparse": ours},
+                }
+            )
+    return rows
+
+
 def _candidate_pairs(val: Chosen, sparsity: float, overrides: str) -> tuple[list[float], list[float], dict]:
     """Per (mask, seed) of one tuned setting: its difference to today's ToST and its gain over the default."""
     diffs, gains, mask_diffs = [], [], {}
@@ -288,6 +316,7 @@ def build_arch_report(records: list[dict[str, Any]], arch: str, args: argparse.N
         "ablation": _ablation_rows(test, masks),
         "tuning": _tuning_rows(val),
         "candidates": _candidates(val),
+        "kernels": _kernel_rows(records, args, arch, test),
     }
 
 
@@ -491,9 +520,38 @@ def _candidate_lines(section: dict[str, Any]) -> list[str]:
     ]
 
 
+def _kernel_row(row: dict[str, Any]) -> list[str]:
+    seeds = sorted(set(row["per_seed"]["dense"]) & set(row["per_seed"]["sparse"]))
+    per_seed = ", ".join(f"{100 * (row['per_seed']['sparse'][s] - row['per_seed']['dense'][s]):+.2f}" for s in seeds)
+    return [
+        row["kernels"],
+        row["mask"],
+        f"{row['sparsity']:.2f}",
+        row["variant"] + (f" ({_overrides_text(row['overrides'])})" if row["overrides"] else ""),
+        _pct(row["dense"]["mean"], row["dense"]["std"], 0),
+        _pct(row["sparse"]["mean"], row["sparse"]["std"], 0),
+        per_seed or "-",
+    ]
+
+
+def _kernel_lines(section: dict[str, Any]) -> list[str]:
+    if not section["kernels"]:
+        return []
+    head = ["kernels", "mask", "sparsity", "variant", "dense (test acc)", "sparse kernels", "difference per seed"]
+    return [
+        "",
+        "### Sparse training kernels against dense (test)",
+        "",
+        "The same run (mask, initial weights, batches, Recipe) trained with `prepare(sparse_kernels=...)` and"
+        " without; the dense column's ± is the seed noise the difference compares to.",
+        "",
+        *markdown_table(head, [_kernel_row(row) for row in section["kernels"]], right=(2, 4, 5)),
+    ]
+
+
 def render_arch_markdown(section: dict[str, Any]) -> list[str]:
     """One architecture's part of ``accuracy.md``."""
-    parts = (_main_lines, _pooled_lines, _ablation_lines, _tuning_lines, _candidate_lines)
+    parts = (_main_lines, _pooled_lines, _ablation_lines, _tuning_lines, _candidate_lines, _kernel_lines)
     return [line for part in parts for line in part(section)] + [""]
 
 

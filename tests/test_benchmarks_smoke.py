@@ -41,6 +41,7 @@ def test_accuracy_smoke(tmp_path: Path) -> None:
 
     records = [json.loads(line) for line in (tmp_path / "accuracy.jsonl").read_text().splitlines()]
     assert sorted(r["key"]["variant"] for r in records) == ["baseline", "tost"]
+    assert all("kernels" not in r["key"] and "kernel_choices" not in r for r in records)  # keys as before
     for record in records:
         for field in ("test_acc", "val_acc", "train_loss", "wall_s", "device", "threads", "commit", "mask_sha"):
             assert field in record, field
@@ -51,6 +52,12 @@ def test_accuracy_smoke(tmp_path: Path) -> None:
 
     again = run("accuracy.py", "--grid", "main", "--seeds", "0", *common)
     assert "0 to run now" in again, again  # finished runs are skipped
+    kernels = run("accuracy.py", "--variants", "baseline", "--seeds", "0", "--sparse-kernels", "on", *common)
+    assert "1 to run now" in kernels, kernels  # the kernels are part of the key
+
+    sparse = json.loads((tmp_path / "accuracy.jsonl").read_text().splitlines()[-1])
+    assert sparse["key"]["kernels"] == "on" and sparse["masked_nonzero"] == 0
+    assert sparse["kernel_choices"] and all(c.startswith("sparse") for c in sparse["kernel_choices"].values())
 
     run("accuracy.py", "--report", *common)
     markdown = (tmp_path / "accuracy.md").read_text()
@@ -63,7 +70,11 @@ def test_accuracy_smoke(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "accuracy.json").read_text())
     (section,) = report["architectures"]
     main = next(r for r in section["main"] if r["mask"] == "erk" and r["sparsity"] == 0.9)
-    assert main["paired"] == 1 and set(main) >= {"baseline", "tost", "gain", "verdict"}
+    assert main["paired"] == 1 and set(main) >= {"baseline", "tost", "gain", "verdict"}  # kernels runs stay out
+    (kernel_row,) = section["kernels"]
+    assert (kernel_row["kernels"], kernel_row["variant"]) == ("on", "baseline")
+    assert kernel_row["per_seed"]["dense"] == {"0": main["per_seed"]["baseline"]["0"]}
+    assert "### Sparse training kernels against dense (test)" in markdown
     (pooled,) = section["pooled"]
     assert pooled["pairs"] == 1 and pooled["gain"]["mean"] == pytest.approx(main["gain"]["mean"])
     assert "| sparsity | masks | pairs | gain | ToST beats default? |" in markdown
