@@ -13,6 +13,7 @@ records under the overrides that give their Recipe back instead of mixing them i
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -84,7 +85,7 @@ class RunKey:
 
     def recipe(self) -> dict[str, Any]:
         """The resolved Recipe fields (``total_steps`` left out: it follows from the protocol)."""
-        return recipe_fields(recipe_for(self.variant, 1, dict(self.overrides)).to_dict())
+        return recipe_fields(recipe_for(self.variant, 1, dict(self.overrides)).to_dict(), self.arch)
 
     @property
     def id(self) -> str:
@@ -96,17 +97,41 @@ class RunKey:
         return f"{self.arch} {self.mask} s={self.sparsity} seed={self.seed} {self.variant}{extra} ({self.eval})"
 
 
-def recipe_fields(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The fields that decide a run, in canonical form: without ``total_steps``, without the
-    settings of a technique that is off, and with fields a record predates filled in as they
-    behaved then."""
+ALIKE_SCOPES = {"unnormalized_nonresidual": "unnormalized"}
+"""``rescale_scope`` -> the scope it equals on a network where no layer ends a residual branch unnormalized."""
+
+
+def recipe_fields(recipe: dict[str, Any], arch: str | None = None) -> dict[str, Any]:
+    """The fields that decide a run of ``arch``, in canonical form: without ``total_steps``, without
+    the settings of a technique that is off, with fields a record predates filled in as they
+    behaved then, and with a ``rescale_scope`` that rescales the same layers of ``arch`` as
+    another one named as that one (:data:`ALIKE_SCOPES`)."""
     filled = {**RECIPE_DEFAULTS, **BEFORE_ADDED, **recipe}
     filled.pop("total_steps", None)
     for switch, settings in SETTINGS_OF.items():
         if not filled[switch]:
             for name in settings:
                 filled.pop(name)
+    scope = filled.get("rescale_scope")
+    if scope in ALIKE_SCOPES and arch is not None and scopes_alike(arch, scope, ALIKE_SCOPES[scope]):
+        filled["rescale_scope"] = ALIKE_SCOPES[scope]
     return filled
+
+
+@functools.cache
+def scopes_alike(arch: str, scope: str, other: str) -> bool:
+    """Whether the two ``rescale_scope`` values rescale the same layers of ``arch`` (a benchmark
+    network; False for any other name), at ERK 98%."""
+    import cifar  # the benchmark's networks; imported here, as the report needs it and the keys only this
+
+    if arch not in cifar.ARCHITECTURES:
+        return False
+    rescaled = []
+    for name in (scope, other):
+        model = cifar.ARCHITECTURES[arch]()
+        tost.prepare(model, tost.masks.erk(model, 0.98, seed=0), tost.Recipe.tost(10, rescale_scope=name))
+        rescaled.append(set(model.tost.surgery.decided.rescaled))
+    return rescaled[0] == rescaled[1]
 
 
 def content_id(protocol: dict[str, Any], recipe: dict[str, Any]) -> str:
@@ -116,11 +141,12 @@ def content_id(protocol: dict[str, Any], recipe: dict[str, Any]) -> str:
 
 def record_id(record: dict[str, Any]) -> str:
     """The id of the run a record holds, from the Recipe it actually trained with."""
-    return content_id(RunKey.from_dict(record["key"]).protocol(), recipe_fields(record["recipe"]))
+    key = RunKey.from_dict(record["key"])
+    return content_id(key.protocol(), recipe_fields(record["recipe"], key.arch))
 
 
-def _resolved(variant: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    return recipe_fields(recipe_for(variant, 1, overrides).to_dict())
+def _resolved(variant: str, overrides: dict[str, Any], arch: str) -> dict[str, Any]:
+    return recipe_fields(recipe_for(variant, 1, overrides).to_dict(), arch)
 
 
 def labels_of(record: dict[str, Any]) -> list[tuple[str, str]]:
@@ -130,19 +156,20 @@ def labels_of(record: dict[str, Any]) -> list[tuple[str, str]]:
     variant and the overrides that give back the Recipe it used, e.g. ``tost`` with
     ``{"skip_pointwise": true}``.
     """
-    used = recipe_fields(record["recipe"])
     key = record["key"]
-    labels = [(v, "{}") for v in VARIANTS if _resolved(v, {}) == used]
+    arch = key["arch"]
+    used = recipe_fields(record["recipe"], arch)
+    labels = [(v, "{}") for v in VARIANTS if _resolved(v, {}, arch) == used]
     # Overrides a default has since caught up with name nothing: ``--set skip_branch=auto`` is ``tost`` today.
     plain = recipe_for(key["variant"], 1, {}).to_dict()
     needed = {k: v for k, v in key["overrides"].items() if plain.get(k) != v}
     own = (key["variant"], json.dumps(needed, sort_keys=True))
-    if own not in labels and _resolved(own[0], key["overrides"]) == used:
+    if own not in labels and _resolved(own[0], key["overrides"], arch) == used:
         labels.append(own)
     if not labels:
-        now = _resolved(key["variant"], key["overrides"])
+        now = _resolved(key["variant"], key["overrides"], arch)
         diff = {**key["overrides"], **{k: v for k, v in used.items() if now.get(k) != v}}
-        if _resolved(key["variant"], diff) == used:
+        if _resolved(key["variant"], diff, arch) == used:
             labels.append((key["variant"], json.dumps(diff, sort_keys=True)))
     return labels
 

@@ -141,12 +141,32 @@ def test_committed_accuracy_records_keep_their_keys_and_ids() -> None:
     records = accuracy_keys.read_results(RESULTS / "accuracy.jsonl")
     assert all(accuracy_keys.RunKey.from_dict(r["key"]).to_dict() == r["key"] for r in records)
     by_id = {r["id"]: r for r in records}
-    latest = by_id["c7b6f409f08a"]  # preact_resnet18_x0.25 synflow 0.98 seed 0, tost
-    assert accuracy_keys.RunKey.from_dict(latest["key"]).id == accuracy_keys.record_id(latest) == "c7b6f409f08a"
+    latest = by_id["c7b6f409f08a"]  # preact_resnet18_x0.25 synflow 0.98 seed 0, tost with the old rescale_scope
+    assert accuracy_keys.record_id(latest) == "c7b6f409f08a"
+    vgg = by_id[next(i for i, r in by_id.items() if r["key"]["arch"] == "vgg16_x0.5" and r["key"]["variant"] == "tost")]
+    assert accuracy_keys.RunKey.from_dict(vgg["key"]).id == accuracy_keys.record_id(vgg) == vgg["id"]
     # Made before Recipe had skip_pointwise: its id then differs from the one its Recipe has today.
     first = by_id["4a1ae5fb1a27"]  # resnet20 erk 0.98 seed 0, baseline
     assert accuracy_keys.record_id(first) == accuracy_keys.RunKey.from_dict(first["key"]).id == "830c0f86f011"
     assert "830c0f86f011" in accuracy.done_ids(RESULTS / "accuracy.jsonl")
+
+
+def test_a_scope_that_rescales_the_same_layers_names_the_same_run() -> None:
+    """The default ``rescale_scope`` moved to ``unnormalized_nonresidual``: on a post-activation ResNet it
+    rescales what ``unnormalized`` did, so the old ``tost`` runs stay ``tost``; on PreAct ResNet-18 not."""
+    records = accuracy_keys.read_results(RESULTS / "accuracy.jsonl")
+    by_id = {r["id"]: r for r in records}
+    old = by_id["c7b6f409f08a"]  # preact_resnet18_x0.25 synflow 0.98 seed 0, tost, before the change
+    assert old["recipe"]["rescale_scope"] == "unnormalized"
+    assert accuracy_keys.labels_of(old) == [("tost", '{"rescale_scope": "unnormalized"}')]
+    assert accuracy_keys.RunKey.from_dict(old["key"]).id != "c7b6f409f08a"  # today's tost is another run
+    resnet20 = by_id["129775185928"]  # resnet20 erk 0.98 seed 0, tost
+    assert resnet20["recipe"]["rescale_scope"] == "unnormalized"
+    assert ("tost", "{}") in accuracy_keys.labels_of(resnet20)
+    assert accuracy_keys.RunKey.from_dict(resnet20["key"]).id == accuracy_keys.record_id(resnet20) == "129775185928"
+    assert accuracy_keys.scopes_alike("resnet20", "unnormalized_nonresidual", "unnormalized")
+    assert not accuracy_keys.scopes_alike("preact_resnet18_x0.25", "unnormalized_nonresidual", "unnormalized")
+    assert not accuracy_keys.scopes_alike("not_a_benchmark_net", "unnormalized_nonresidual", "unnormalized")
 
 
 def test_accuracy_candidates_are_paired_with_todays_tost_by_mask_and_seed() -> None:

@@ -92,7 +92,7 @@ def test_accuracy_smoke_on_two_architectures(tmp_path: Path) -> None:
               "--out", str(tmp_path)]  # fmt: skip
     output = run("accuracy.py", "--grid", "main", "--arch", *SMOKE_ARCHS, *common, timeout=300)
     assert "4 to run now" in output, output
-    scope = "rescale_scope=unnormalized_nonresidual"
+    scope = "rescale_scope=unnormalized"  # the old default, which rescales the ends of residual branches
     run("accuracy.py", "--variants", "tost", "--eval-on", "val", "--set", scope,
         "--arch", "preact_resnet18_x0.25", *common, timeout=300)  # fmt: skip
     records = [json.loads(line) for line in (tmp_path / "accuracy.jsonl").read_text().splitlines()]
@@ -112,7 +112,7 @@ def test_accuracy_smoke_on_two_architectures(tmp_path: Path) -> None:
     assert across["pairs"] == 2 and across["archs"] == list(SMOKE_ARCHS)
     preact = report["architectures"][-1]
     (candidate,) = preact["candidates"]
-    assert candidate["overrides"] == {"rescale_scope": "unnormalized_nonresidual"} and candidate["pairs"] == 1
+    assert candidate["overrides"] == {"rescale_scope": "unnormalized"} and candidate["pairs"] == 1
     markdown = (tmp_path / "accuracy.md").read_text()
     for arch in SMOKE_ARCHS:
         assert f"## `{arch}`: " in markdown

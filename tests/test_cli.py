@@ -41,19 +41,20 @@ def test_plan_leaves_the_model_untouched(tiny) -> None:
 def test_plan_advises_against_large_factors_on_residual_branch_ends() -> None:
     model = PreActNet()  # conv3, conv5 and shortcut feed the additions with no norm between
     mask = bernoulli_mask(model, density=0.1)
-    result = tost.plan(model, mask, tost.Recipe.tost(total_steps=10))
+    loud = tost.Recipe.tost(total_steps=10, rescale_scope="unnormalized")
+    result = tost.plan(model, mask, loud)
     (advice,) = result.advice
-    rescaled = tost.prepare(PreActNet(), mask, tost.Recipe.tost(total_steps=10)).tost.surgery.decided.rescaled
+    rescaled = tost.prepare(PreActNet(), mask, loud).tost.surgery.decided.rescaled
     for name in ("conv3", "conv5", "shortcut"):  # each named with its own factor
         assert f"{name} {rescaled[name + '.weight']:.1f}x" in advice and rescaled[name + ".weight"] >= 2.0, advice
     assert "3 layer(s) that end a residual branch" in advice and "conv1" not in advice  # the stem is the trunk
     assert "Hint: Recipe.tost(..., rescale_scope='unnormalized_nonresidual')" in advice
     assert "advice: rescaled init multiplies 3 layer(s)" in str(result) and result.to_dict()["advice"] == [advice]
-    # No advice where those layers are out of the scope, where factors are small, or for a post-activation block.
-    quiet = tost.Recipe.tost(total_steps=10, rescale_scope="unnormalized_nonresidual")
-    assert tost.plan(model, mask, quiet).advice == ()
-    assert tost.plan(model, bernoulli_mask(model, density=0.9), tost.Recipe.tost(total_steps=10)).advice == ()
-    assert tost.plan(TinyNet(), bernoulli_mask(TinyNet(), density=0.1), tost.Recipe.tost(total_steps=10)).advice == ()
+    # No advice where those layers are out of the scope (the default), where factors are small, or for a
+    # post-activation block.
+    assert tost.plan(model, mask, tost.Recipe.tost(total_steps=10)).advice == ()
+    assert tost.plan(model, bernoulli_mask(model, density=0.9), loud).advice == ()
+    assert tost.plan(TinyNet(), bernoulli_mask(TinyNet(), density=0.1), loud).advice == ()
 
 
 def test_plan_torchvision_resnet18(capsys) -> None:

@@ -299,7 +299,7 @@ def test_gradinit_with_no_layer_in_scope_says_which_scope() -> None:
     recipe = Recipe.baseline(rescale_init=True, rescale_rule="gradinit")
     tost.prepare(model, {"0.weight": torch.ones(4, 3, 3, 3)}, recipe)
     assert not hasattr(model.tost, "gradinit_done")
-    assert any("rescale_scope='unnormalized'" in note for note in model.tost.surgery.runner.notes)
+    assert any("rescale_scope='unnormalized_nonresidual'" in note for note in model.tost.surgery.runner.notes)
     batches = [(torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2,)))]
     with pytest.raises(TostSurgeryError, match="rescale_scope='all'"):
         gradinit(model, batches, loss_fn=lambda out, y: out.mean(), steps=1)

@@ -117,3 +117,10 @@ def test_a_module_is_a_branch_end_only_when_every_call_of_it_is() -> None:
 def test_an_unknown_scope_is_refused_with_a_suggestion() -> None:
     with pytest.raises(RecipeError, match="Did you mean 'unnormalized_nonresidual'"):
         Recipe.tost(total_steps=10, rescale_scope="unnormalized_nonresidul")
+
+
+def test_the_default_scope_leaves_out_the_ends_of_residual_branches() -> None:
+    assert Recipe.tost(total_steps=10).rescale_scope == "unnormalized_nonresidual"
+    model = PreActNet()
+    tost.prepare(model, bernoulli_mask(model, density=0.25), Recipe.tost(total_steps=10))
+    assert set(model.tost.surgery.decided.rescaled) == PREACT_RESCALED["unnormalized_nonresidual"]

@@ -194,7 +194,7 @@ def test_fan_in_rescaling(tiny) -> None:
 def test_rescaling_skips_layers_that_feed_a_norm(tiny) -> None:
     mask = bernoulli_mask(tiny, density=0.25)
     before = {n: p.detach().clone() for n, p in tiny.named_parameters()}
-    tost.prepare(tiny, mask, Recipe.tost(total_steps=10))  # rescale_scope="unnormalized"
+    tost.prepare(tiny, mask, Recipe.tost(total_steps=10))  # no layer ends a residual branch
     assert set(tiny.tost.surgery.decided.rescaled) == {"conv3.weight", "fc.weight"}
     torch.testing.assert_close(
         tiny.conv1.parametrizations.weight.original.detach(), before["conv1.weight"] * mask["conv1.weight"]

@@ -84,11 +84,12 @@ class Recipe:
     """``fan_in``: per output unit, ``sqrt(fan_in / kept)``; ``layer``: ``sqrt(1 / density)``;
     ``gradinit``: one learned scale per layer, from :func:`tost_surgery.init.gradinit` called after
     ``prepare`` (which then applies none; ``step`` warns until it has run)."""
-    rescale_scope: RescaleScope = "unnormalized"
+    rescale_scope: RescaleScope = "unnormalized_nonresidual"
     """``all`` masked conv/linear layers, or only those whose output feeds no normalization
     (``unnormalized``), or only those that also do not end a residual branch, i.e. feed no
-    addition with a skip path (``unnormalized_nonresidual``; in a pre-activation ResNet the last
-    conv of each block and the shortcut convs feed the sum with no norm between)."""
+    addition with a skip path (``unnormalized_nonresidual``, the default; in a pre-activation
+    ResNet the last conv of each block and the shortcut convs feed the sum with no norm between,
+    and rescaling them undoes the near-identity start of a sparse residual network)."""
 
     label_smoothing: float = 0.0
     """Label smoothing for the loss, read through ``tost_surgery.label_smoothing(model)``."""
@@ -173,9 +174,11 @@ class Recipe:
         """The ToST recipe with every technique on; override any field by keyword.
 
         The defaults are chosen by ``benchmarks/accuracy.py`` (``benchmarks/RESULTS.md``). For
-        example, the layer-wise rescaling applies only to layers that feed no normalization
-        (``rescale_scope="unnormalized"``): applied to every layer of a BatchNorm ResNet-20 at
-        98% sparsity, the fan-in rule cost 8.6 points of validation accuracy.
+        example, the layer-wise rescaling applies only to layers that feed neither a
+        normalization nor a residual addition (``rescale_scope="unnormalized_nonresidual"``):
+        applied to every layer of a BatchNorm ResNet-20 at 98% sparsity, the fan-in rule cost 8.6
+        points of validation accuracy, and applied to the ends of a pre-activation ResNet-18's
+        residual branches, 4.8.
 
         Example:
             >>> Recipe.tost(total_steps=1000, ghost_skips=False).ghost_neurons
