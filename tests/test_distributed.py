@@ -40,6 +40,7 @@ from torch import nn
 
 import tost_surgery as tost
 from tost_surgery import Recipe
+from tost_surgery._sparse_kernels.native import training_native_available
 
 from .conftest import bernoulli_mask
 
@@ -86,13 +87,13 @@ class Net(nn.Module):
 
 
 def build(
-    mask_seed: int = 0, recipe: Recipe | None = None, kernels: str = "off"
+    mask_seed: int = 0, recipe: Recipe | None = None, kernels: str = "off", native: bool = False
 ) -> tuple[Net, dict[str, torch.Tensor]]:
     """What every process does first: the same seed, model, mask and recipe."""
     torch.manual_seed(0)
     model = Net()
     mask = bernoulli_mask(model, density=0.5, seed=mask_seed)
-    tost.prepare(model, mask, recipe or Recipe.tost(**RECIPE), sparse_kernels=kernels)
+    tost.prepare(model, mask, recipe or Recipe.tost(**RECIPE), sparse_kernels=kernels, native_kernels=native)
     return model, mask
 
 
@@ -244,6 +245,11 @@ def scenario_find_unused(rank: int) -> dict:
 def scenario_sparse_kernels(rank: int) -> dict:
     """Masks only, every masked layer on the sparse kernels, plain DDP."""
     return _train_ddp(rank, wrap=_ddp(), recipe=Recipe.baseline(), kernels="on")
+
+
+def scenario_native_kernels(rank: int) -> dict:
+    """Masks only, the 3x3 convs on the compiled kernels (the head on the torch-only ones), plain DDP."""
+    return _train_ddp(rank, wrap=_ddp(), recipe=Recipe.baseline(), kernels="on", native=True)
 
 
 def scenario_rewrap(rank: int) -> dict:
@@ -470,13 +476,20 @@ def test_ddp_matches_one_process_through_retirement(tmp_path, reference) -> None
         assert torch.equal(mask, second["masks"][name]) and set(mask.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_ddp_on_sparse_kernels_matches_one_process_on_the_dense_path(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("scenario", "kernels"), [("sparse_kernels", ["sparse"] * 4), ("native_kernels", ["native"] * 3 + ["sparse"])]
+)
+def test_ddp_on_sparse_kernels_matches_one_process_on_the_dense_path(tmp_path, scenario: str, kernels: list) -> None:
     """The kernels change how gradients are computed, not what DDP averages or the optimizer sees."""
-    results = run_processes("sparse_kernels", tmp_path)
+    if scenario == "native_kernels":  # built here once, so the processes only load it
+        available, why = training_native_available()
+        if not available:
+            pytest.skip(f"no C++ toolchain here: {why}")
+    results = run_processes(scenario, tmp_path)
     assert_no_crash(results)
     reference = reference_run(Recipe.baseline())  # sparse_kernels="off"
     for rank, result in enumerate(results):
-        assert result["kernels"] == ["sparse"] * 4
+        assert result["kernels"] == kernels
         assert_matches_reference(result, reference, rank=rank)
         for step, losses in enumerate(reference["losses"]):
             assert result["losses"][step] == pytest.approx(losses[rank], abs=ATOL)

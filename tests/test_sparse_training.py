@@ -11,6 +11,7 @@ from torch import nn
 
 import tost_surgery as tost
 from tost_surgery import Recipe, TostSurgeryError
+from tost_surgery._sparse_kernels.native import training_native_available
 from tost_surgery.deploy import PairedTimer, Timing
 
 from .conftest import PreActNet, TinyNet, bernoulli_mask
@@ -55,13 +56,15 @@ def train(model: nn.Module, optimizer_name: str, steps: int, seed: int = 1) -> l
     return losses
 
 
-def pair(net: type[nn.Module] = PreActNet, mode: str = "on", timer=None) -> tuple[nn.Module, nn.Module]:  # noqa: ANN001
-    """The same masked model prepared twice: kernels off, and kernels ``mode``."""
+def pair(
+    net: type[nn.Module] = PreActNet, mode: str = "on", timer=None, native: bool = False  # noqa: ANN001
+) -> tuple[nn.Module, nn.Module]:
+    """The same masked model prepared twice: kernels off, and kernels ``mode`` (compiled too with ``native``)."""
     torch.manual_seed(0)
     base = net()
     mask = bernoulli_mask(base, 0.3)
     dense = tost.prepare(copy.deepcopy(base), mask)
-    sparse = tost.prepare(copy.deepcopy(base), mask, sparse_kernels=mode, kernel_timer=timer)
+    sparse = tost.prepare(copy.deepcopy(base), mask, sparse_kernels=mode, kernel_timer=timer, native_kernels=native)
     return dense, sparse
 
 
@@ -90,8 +93,11 @@ def test_masked_weights_stay_exactly_zero(optimizer: str) -> None:
         assert bool((module.parametrizations[attr].original.grad[~kept] == 0).all()), name
 
 
-def test_state_dict_is_unchanged_and_training_resumes_exactly() -> None:
-    dense, sparse = pair(TinyNet)
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
+def test_state_dict_is_unchanged_and_training_resumes_exactly(native: bool) -> None:
+    if native and not training_native_available()[0]:
+        pytest.skip(f"no C++ toolchain here: {training_native_available()[1]}")
+    dense, sparse = pair(TinyNet, native=native)
     assert list(sparse.state_dict()) == list(dense.state_dict())
     optimizer = OPTIMIZERS["SGD momentum wd"](sparse.parameters())
     resumed_model = copy.deepcopy(sparse)
@@ -113,6 +119,8 @@ def test_state_dict_is_unchanged_and_training_resumes_exactly() -> None:
             opt.step()
     for (name, a), (_, b) in zip(sparse.state_dict().items(), resumed_model.state_dict().items()):
         assert torch.equal(a, b), name
+    kinds = set(tost.status(resumed_model).sparse_kernels.values())
+    assert ("native" in kinds) == native and "sparse" in kinds, kinds
 
 
 def test_auto_runs_the_sparse_kernels_where_timing_favours_them() -> None:
