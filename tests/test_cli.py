@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 import tost_surgery as tost
 from tost_surgery.cli import main
@@ -55,6 +56,18 @@ def test_plan_advises_against_large_factors_on_residual_branch_ends() -> None:
     assert tost.plan(model, mask, tost.Recipe.tost(total_steps=10)).advice == ()
     assert tost.plan(model, bernoulli_mask(model, density=0.9), loud).advice == ()
     assert tost.plan(TinyNet(), bernoulli_mask(TinyNet(), density=0.1), loud).advice == ()
+
+
+def test_plan_advises_where_a_mask_leaves_most_output_channels_empty() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8, 2))
+    mask = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n.endswith("weight")}
+    mask["2.weight"][:5] = False  # 5 of the depthwise conv's 8 channels keep nothing
+    (advice,) = tost.plan(model, mask, tost.Recipe.tost(total_steps=10)).advice
+    assert advice.startswith("1 masked layer(s) keep no weight in more than 50% of their output channels")
+    assert "(2.weight 62% of 8)" in advice
+    assert "exclude=['2.weight', ...]" in advice and "Hint: a lower sparsity" in advice
+    mask["2.weight"][1] = True  # 4 of 8: not more than half
+    assert tost.plan(model, mask, tost.Recipe.tost(total_steps=10)).advice == ()
 
 
 def test_plan_torchvision_resnet18(capsys) -> None:
