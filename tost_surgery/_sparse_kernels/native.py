@@ -24,6 +24,7 @@ without a compiler the torch-only kernels run, with a warning saying why.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -219,6 +220,11 @@ torch::Tensor sampled_rows(torch::Tensor src, torch::Tensor grad, torch::Tensor 
 """
 
 
+_NAME = "tost_surgery_train_native_" + hashlib.sha1(_SOURCE.encode()).hexdigest()[:10]
+"""Named by its source: torch's build cache is per user, and a process still holding another
+version's library never sees it rebuilt in place."""
+
+
 def training_extension() -> object:
     """The compiled training kernels, or the exception that stopped the build (built once per process).
 
@@ -226,7 +232,7 @@ def training_extension() -> object:
         >>> isinstance(training_extension(), Exception)  # False where a C++ compiler is installed
         False
     """
-    return build_extension("tost_surgery_train_native_v2", _SOURCE, ("pack", "gather_rows", "sampled_rows"))
+    return build_extension(_NAME, _SOURCE, ("pack", "gather_rows", "sampled_rows"))
 
 
 def training_native_available() -> tuple[bool, str]:
