@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -78,6 +78,50 @@ def test_native_conv2d_matches_dense_autograd_on_any_geometry(
     conv = nn.Conv2d(4, 8, kernel, stride, padding, dilation, groups)
     mask = random_mask(conv.weight.shape, density, seed=batch)
     compare(conv, mask, torch.randn(batch, 4, *size), run_native(conv, mask))
+
+
+@pytest.mark.slow
+@settings(max_examples=12, deadline=None)
+@given(
+    channels=st.tuples(st.integers(33, 72), st.integers(1, 70)),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    batch=st.integers(1, 5),
+    size=st.tuples(st.integers(3, 9), st.integers(3, 9)),
+    density=st.sampled_from([0.05, 0.3]),
+)
+@example(channels=(40, 33), kernel=3, stride=1, batch=1, size=(7, 7), density=0.3)  # one 64-column tile exactly
+def test_native_conv_over_several_blocks_of_source_rows(channels, kernel, stride, batch, size, density) -> None:
+    built()
+    torch.manual_seed(2)
+    conv = nn.Conv2d(*channels, kernel, stride, padding=kernel // 2)
+    mask = random_mask(conv.weight.shape, density, seed=batch)
+    structure = NativeStructure.of(mask, ConvGeometry.of(conv))
+    grid = structure.grid(torch.Size((batch, channels[0], *size)))
+    assert grid.forward.ptr.numel() - 1 > conv.out_channels  # the forward reads more than one block
+    compare(conv, mask, torch.randn(batch, channels[0], *size), run_native(conv, mask))
+
+
+@pytest.mark.parametrize(
+    ("settings_2d", "expected"),
+    [
+        (dict(kernel_size=3, padding=1), (33, 33)),  # neighbours share a pad row and column
+        (dict(kernel_size=3, padding=3), (38, 38)),  # a pad longer than the kernel's reach: each image whole
+        (dict(kernel_size=3, padding=1, stride=2), (17, 17)),
+        (dict(kernel_size=1), (32, 32)),
+    ],
+)
+def test_the_grid_shares_pads_only_where_the_kernel_reaches_across_them(settings_2d: dict, expected: tuple) -> None:
+    assert native.grid_size(ConvGeometry.of(nn.Conv2d(2, 2, **settings_2d)), 32, 32) == expected
+
+
+@pytest.mark.slow
+def test_native_conv_with_pads_longer_than_the_kernel_reaches() -> None:
+    built()
+    torch.manual_seed(4)
+    conv = nn.Conv2d(5, 6, 3, padding=3)
+    mask = random_mask(conv.weight.shape, 0.4)
+    compare(conv, mask, torch.randn(3, 5, 6, 5), run_native(conv, mask))
 
 
 @pytest.mark.slow
