@@ -178,7 +178,7 @@ class Recipe:
         normalization nor a residual addition (``rescale_scope="unnormalized_nonresidual"``):
         applied to every layer of a BatchNorm ResNet-20 at 98% sparsity, the fan-in rule cost 8.6
         points of validation accuracy, and applied to the ends of a pre-activation ResNet-18's
-        residual branches, 4.8.
+        residual branches, 3.1.
 
         Example:
             >>> Recipe.tost(total_steps=1000, ghost_skips=False).ghost_neurons
