@@ -21,7 +21,7 @@ from typing import Any
 
 import cifar
 from _common import RESULTS, markdown_table, write_atomic
-from accuracy_keys import ABLATION_SPARSITY, ABLATION_VARIANTS, labels_of, read_results
+from accuracy_keys import ABLATION_SPARSITY, ABLATION_VARIANTS, MASKS, SPARSITIES, labels_of, read_results
 
 Chosen = dict[tuple, dict[str, Any]]
 """(mask, sparsity, seed, variant, overrides JSON) -> the latest record under that name."""
@@ -608,6 +608,10 @@ def _report_flags(args: argparse.Namespace) -> str:
     flags = ""
     if args.arch:
         flags += " --arch " + " ".join(args.arch)
+    if list(args.masks) != list(MASKS):
+        flags += " --masks " + " ".join(args.masks)
+    if list(args.sparsities) != list(SPARSITIES):
+        flags += " --sparsities " + " ".join(f"{s:g}" for s in args.sparsities)
     if args.epochs != 20:
         flags += f" --epochs {args.epochs}"
     if args.subset is not None:

@@ -114,12 +114,14 @@ def _accuracy_settings(page: str) -> argparse.Namespace:
     return accuracy.build_parser().parse_args(["--report", *flags])
 
 
-def test_accuracy_report_renders_again_from_the_committed_jsonl() -> None:
-    page = (RESULTS / "accuracy.md").read_text()
+@pytest.mark.parametrize("folder", [".", "kernels"])
+def test_accuracy_report_renders_again_from_the_committed_jsonl(folder: str) -> None:
+    results = RESULTS / folder
+    page = (results / "accuracy.md").read_text()
     settings = _accuracy_settings(page)
-    report = accuracy_report.build_report(accuracy_keys.read_results(RESULTS / "accuracy.jsonl"), settings)
+    report = accuracy_report.build_report(accuracy_keys.read_results(results / "accuracy.jsonl"), settings)
     assert accuracy_report.render_markdown(report, settings) == page
-    assert accuracy_report.report_json(report) == (RESULTS / "accuracy.json").read_text()
+    assert accuracy_report.report_json(report) == (results / "accuracy.json").read_text()
 
 
 def test_accuracy_write_report_writes_the_three_files(tmp_path: Path) -> None:
