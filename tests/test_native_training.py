@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,9 +16,9 @@ from tost_surgery._sparse_kernels.native import NativeStructure, native_sparse_c
 from tost_surgery.deploy import Timing
 from tost_surgery.deploy.kernels import ConvGeometry
 
-from .conftest import PreActNet, TinyNet, bernoulli_mask
+from .conftest import TinyNet, bernoulli_mask
 from .test_sparse_kernels import CONV_FORMS, close, compare, random_mask
-from .test_sparse_training import data, train
+from .test_sparse_training import data, pair, train
 
 
 def built() -> None:
@@ -153,20 +151,11 @@ def asked_timer(**seconds: float):  # noqa: ANN201
     return timer
 
 
-def native_pair(mode: str, timer=None, net: type[nn.Module] = PreActNet) -> tuple[nn.Module, nn.Module]:  # noqa: ANN001
-    torch.manual_seed(0)
-    base = net()
-    mask = bernoulli_mask(base, 0.3)
-    dense = tost.prepare(copy.deepcopy(base), mask)
-    fast = tost.prepare(copy.deepcopy(base), mask, sparse_kernels=mode, kernel_timer=timer, native_kernels=True)
-    return dense, fast
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
 def test_twenty_steps_on_the_native_kernels_match_the_masked_dense_path(optimizer: str) -> None:
     built()
-    dense, fast = native_pair("on")
+    dense, fast = pair(mode="on", native=True)
     reference, found = train(dense, optimizer, 20), train(fast, optimizer, 20)
     assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(reference, found)), (reference, found)
     states = tost.status(fast).sparse_kernels
@@ -180,7 +169,7 @@ def test_twenty_steps_on_the_native_kernels_match_the_masked_dense_path(optimize
 def test_auto_times_the_native_kernels_as_a_third_candidate() -> None:
     built()
     timer = asked_timer(dense=3.0, sparse=2.0, native=1.0)
-    dense, fast = native_pair("auto", timer, TinyNet)
+    dense, fast = pair(TinyNet, "auto", timer, native=True)
     x, _ = data()
     assert torch.allclose(fast(x), dense(x), atol=1e-6)
     assert timer.asked["conv2"] == ("dense", "sparse", "native")
@@ -193,7 +182,7 @@ def test_without_a_compiler_native_kernels_warn_and_the_torch_kernels_run(monkey
     monkeypatch.setattr(native, "training_extension", lambda: RuntimeError("Ninja is required to load C++ extensions"))
     assert native.training_native_available() == (False, "RuntimeError: Ninja is required to load C++ extensions")
     with pytest.warns(TostSurgeryWarning, match=r"compiled kernels could not be built \(RuntimeError: Ninja is"):
-        dense, fast = native_pair("on", net=TinyNet)
+        dense, fast = pair(TinyNet, "on", native=True)
     reference, found = train(dense, "SGD", 3), train(fast, "SGD", 3)
     assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(reference, found)), (reference, found)
     assert set(tost.status(fast).sparse_kernels.values()) == {"sparse"}
