@@ -27,6 +27,9 @@ LARGE_BRANCH_FACTOR = 2.0
 it doubles (or more) the branch's output scale against the masked initialization."""
 DEAD_CHANNEL_SHARE = 0.5
 """A masked weight that keeps nothing in more than this share of its output channels gets advice."""
+PREACT_DEFAULTS = "-0.4 points over 4 mask/seed pairs"
+PREACT_CONV_BN = "4 of 4 pairs: +2.3 points over the defaults, +1.8 over the default protocol"
+"""What ``benchmarks/RESULTS.md`` measured on a pre-activation network, quoted by :func:`preactivation_advice`."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def plan(
         model_params = sum(p.numel() for n, p in trial.named_parameters() if not n.startswith("tost."))
         macs = _count_macs(trial, tuple(input_size)) if input_size else None
         layers = report(trial)
-        advice = rescale_advice(surgery) + dead_channel_advice(surgery)
+        advice = rescale_advice(surgery) + preactivation_advice(surgery) + dead_channel_advice(surgery)
     finally:
         torch.set_rng_state(rng)
     return Plan(
@@ -176,6 +179,33 @@ def rescale_advice(surgery: Surgery) -> tuple[str, ...]:
         "the recipe's rescaling was measured to help where every branch ends in a norm "
         "(benchmarks/RESULTS.md, section 1).\n"
         "Hint: Recipe.tost(..., rescale_scope='unnormalized_nonresidual') rescales all but those layers.",
+    )
+
+
+def preactivation_advice(surgery: Surgery) -> tuple[str, ...]:
+    """Advice when a recipe with any technique on meets a network whose residual branches end with no norm.
+
+    Example:
+        >>> preactivation_advice(prepare(preact_resnet, mask, Recipe.tost(1000)).tost.surgery)
+        ("11 masked layer(s) end a residual branch with no norm after them (layers.0.0.conv2, ...): ...",)
+    """
+    recipe, variant = surgery.decided.recipe, surgery.runner.default_variant
+    if recipe is None or variant is None or not any(getattr(recipe, t.switch) for t in TECHNIQUES):
+        return ()
+    ends = residual_branch_ends(variant.pristine[True], surgery.runner.context.modules)
+    masked = list(dict.fromkeys(entry.module_name for entry in surgery.decided.entries if entry.module_name in ends))
+    if not masked:
+        return ()
+    listed = ", ".join(masked[:4]) + (", ..." if len(masked) > 4 else "")
+    hint = "compare it against Recipe.baseline() on a validation split."
+    if recipe.ghost_skips and recipe.skip_branch != "conv_bn":
+        hint = f"Recipe.tost(..., skip_branch='conv_bn'), and {hint}"
+    return (
+        f"{len(masked)} masked layer(s) end a residual branch with no norm after them ({listed}): a pre-activation "
+        "(pre-norm) network. On one (PreAct ResNet-18 at 98% sparsity) the recipe's defaults were level with the "
+        f"default protocol on validation ({PREACT_DEFAULTS}), not ahead as on post-activation ResNets, and "
+        f"skip_branch='conv_bn' was better in {PREACT_CONV_BN} (benchmarks/RESULTS.md, section 1).\n"
+        f"Hint: {hint}",
     )
 
 
