@@ -135,7 +135,8 @@ def plan(
         model_params = sum(p.numel() for n, p in trial.named_parameters() if not n.startswith("tost."))
         macs = _count_macs(trial, tuple(input_size)) if input_size else None
         layers = report(trial)
-        advice = rescale_advice(surgery) + preactivation_advice(surgery) + dead_channel_advice(surgery)
+        ends = branch_ends(surgery)
+        advice = rescale_advice(surgery, ends) + preactivation_advice(surgery, ends) + dead_channel_advice(surgery)
     finally:
         torch.set_rng_state(rng)
     return Plan(
@@ -152,17 +153,25 @@ def plan(
     )
 
 
-def rescale_advice(surgery: Surgery) -> tuple[str, ...]:
-    """Advice when fan-in rescaling scales up layers that end a residual branch (no norm after them).
+def branch_ends(surgery: Surgery) -> frozenset[str]:
+    """The modules whose output goes, with no norm between, into a residual addition (none when not traced)."""
+    variant = surgery.runner.default_variant
+    if variant is None:
+        return frozenset()
+    return residual_branch_ends(variant.pristine[True], surgery.runner.context.modules)
+
+
+def rescale_advice(surgery: Surgery, ends: frozenset[str]) -> tuple[str, ...]:
+    """Advice when fan-in rescaling scales up layers of ``ends`` (:func:`branch_ends`) by a large factor.
 
     Example:
-        >>> rescale_advice(prepare(preact_resnet, mask, Recipe.tost(1000)).tost.surgery)
+        >>> surgery = prepare(preact_resnet, mask, Recipe.tost(1000)).tost.surgery
+        >>> rescale_advice(surgery, branch_ends(surgery))
         ("rescaled init multiplies 12 layers that end a residual branch by 2x or more (...) ...",)
     """
-    variant, rescaled = surgery.runner.default_variant, surgery.decided.rescaled
-    if variant is None or not rescaled:
+    rescaled = surgery.decided.rescaled
+    if not rescaled:
         return ()
-    ends = residual_branch_ends(variant.pristine[True], surgery.runner.context.modules)
     module_of = {entry.name: entry.module_name for entry in surgery.decided.entries}
     large = sorted(
         ((factor, module_of[name]) for name, factor in rescaled.items()
@@ -182,17 +191,17 @@ def rescale_advice(surgery: Surgery) -> tuple[str, ...]:
     )
 
 
-def preactivation_advice(surgery: Surgery) -> tuple[str, ...]:
-    """Advice when a recipe with any technique on meets a network whose residual branches end with no norm.
+def preactivation_advice(surgery: Surgery, ends: frozenset[str]) -> tuple[str, ...]:
+    """Advice when a recipe with any technique on meets masked layers of ``ends`` (:func:`branch_ends`).
 
     Example:
-        >>> preactivation_advice(prepare(preact_resnet, mask, Recipe.tost(1000)).tost.surgery)
+        >>> surgery = prepare(preact_resnet, mask, Recipe.tost(1000)).tost.surgery
+        >>> preactivation_advice(surgery, branch_ends(surgery))
         ("11 masked layer(s) end a residual branch with no norm after them (layers.0.0.conv2, ...): ...",)
     """
-    recipe, variant = surgery.decided.recipe, surgery.runner.default_variant
-    if recipe is None or variant is None or not any(getattr(recipe, t.switch) for t in TECHNIQUES):
+    recipe = surgery.decided.recipe
+    if recipe is None or not recipe.enabled():
         return ()
-    ends = residual_branch_ends(variant.pristine[True], surgery.runner.context.modules)
     masked = list(dict.fromkeys(entry.module_name for entry in surgery.decided.entries if entry.module_name in ends))
     if not masked:
         return ()
