@@ -99,13 +99,23 @@ class RunKey:
 
 ALIKE_SCOPES = {"unnormalized_nonresidual": "unnormalized"}
 """``rescale_scope`` -> the scope it equals on a network where no layer ends a residual branch unnormalized."""
+BRANCH_NAMES = {"bn": "auto"}
+"""``skip_branch`` today -> the name its behaviour had in the records (``auto`` was today's ``bn``)."""
+AUTO_WAS_BN = frozenset({
+    "0c81bb0485b3", "0e7ac6241e44", "10ad3b2c789a", "246a91375f2e", "47359dedcb17", "4d5c26ee2615",
+    "7e2274da1c27", "7e92a099cef1", "85b696a16393", "878940a4610d", "8465e28dbb24", "92855523669a",
+    "96ba25d3c1e1", "e612f31ea5e8", "e71dc4adece6", "f10f8ab81d88", "fdc4e30e470c",
+})  # fmt: skip
+"""Commits whose ``skip_branch="auto"`` is today's ``"bn"``: before ``auto`` chose ``conv_bn`` on a
+pre-activation network. Their records are read with that meaning."""
 
 
-def recipe_fields(recipe: dict[str, Any], arch: str | None = None) -> dict[str, Any]:
+def recipe_fields(recipe: dict[str, Any], arch: str | None = None, commit: str | None = None) -> dict[str, Any]:
     """The fields that decide a run of ``arch``, in canonical form: without ``total_steps``, without
     the settings of a technique that is off, with fields a record predates filled in as they
-    behaved then, and with a ``rescale_scope`` that rescales the same layers of ``arch`` as
-    another one named as that one (:data:`ALIKE_SCOPES`)."""
+    behaved then, a ``rescale_scope`` that rescales the same layers of ``arch`` as another one named
+    as that one (:data:`ALIKE_SCOPES`), and ``skip_branch`` named by the branches it gives ``arch``
+    (:func:`branch_name`; ``commit``: the record's, for what ``auto`` meant then)."""
     filled = {**RECIPE_DEFAULTS, **BEFORE_ADDED, **recipe}
     filled.pop("total_steps", None)
     for switch, settings in SETTINGS_OF.items():
@@ -113,25 +123,42 @@ def recipe_fields(recipe: dict[str, Any], arch: str | None = None) -> dict[str, 
             for name in settings:
                 filled.pop(name)
     scope = filled.get("rescale_scope")
-    if scope in ALIKE_SCOPES and arch is not None and scopes_alike(arch, scope, ALIKE_SCOPES[scope]):
+    if scope in ALIKE_SCOPES and arch is not None and alike(arch, "rescale_scope", scope, ALIKE_SCOPES[scope]):
         filled["rescale_scope"] = ALIKE_SCOPES[scope]
+    if "skip_branch" in filled:
+        filled["skip_branch"] = branch_name(filled["skip_branch"], arch, commit)
     return filled
 
 
+def branch_name(value: str, arch: str | None, commit: str | None) -> str:
+    """A ``skip_branch`` under the name of its behaviour in the records: ``bn`` and a record's old
+    ``auto`` are ``auto``; today's ``auto`` is ``auto`` or ``conv_bn``, whichever it equals on
+    ``arch``, else ``auto+preact`` (a behaviour no old record has)."""
+    if commit in AUTO_WAS_BN:
+        return value  # its "auto" is today's "bn", already under that behaviour's record name
+    if value == "auto":
+        alikes = (other for other in ("bn", "conv_bn") if arch is not None and alike(arch, "skip_branch", value, other))
+        value = next(alikes, "auto+preact")
+    return BRANCH_NAMES.get(value, value)
+
+
 @functools.cache
-def scopes_alike(arch: str, scope: str, other: str) -> bool:
-    """Whether the two ``rescale_scope`` values rescale the same layers of ``arch`` (a benchmark
-    network; False for any other name), at ERK 98%."""
+def alike(arch: str, field: str, value: str, other: str) -> bool:
+    """Whether two values of a Recipe ``field`` (``rescale_scope`` or ``skip_branch``) change the same
+    layers the same way on ``arch`` (a benchmark network; False for any other name), at ERK 98%."""
     import cifar  # the benchmark's networks; imported here, as the report needs it and the keys only this
 
     if arch not in cifar.ARCHITECTURES:
         return False
-    rescaled = []
-    for name in (scope, other):
+    seen = []
+    for name in (value, other):
         model = cifar.ARCHITECTURES[arch]()
-        tost.prepare(model, tost.masks.erk(model, 0.98, seed=0), tost.Recipe.tost(10, rescale_scope=name))
-        rescaled.append(set(model.tost.surgery.decided.rescaled))
-    return rescaled[0] == rescaled[1]
+        tost.prepare(model, tost.masks.erk(model, 0.98, seed=0), tost.Recipe.tost(10, **{field: name}))
+        if field == "rescale_scope":
+            seen.append(set(model.tost.surgery.decided.rescaled))
+        else:
+            seen.append([(key, skip.branch) for key, skip in model.tost.skips.items()])
+    return seen[0] == seen[1]
 
 
 def content_id(protocol: dict[str, Any], recipe: dict[str, Any]) -> str:
@@ -142,7 +169,7 @@ def content_id(protocol: dict[str, Any], recipe: dict[str, Any]) -> str:
 def record_id(record: dict[str, Any]) -> str:
     """The id of the run a record holds, from the Recipe it actually trained with."""
     key = RunKey.from_dict(record["key"])
-    return content_id(key.protocol(), recipe_fields(record["recipe"], key.arch))
+    return content_id(key.protocol(), recipe_fields(record["recipe"], key.arch, record.get("commit")))
 
 
 def _resolved(variant: str, overrides: dict[str, Any], arch: str) -> dict[str, Any]:
@@ -158,20 +185,31 @@ def labels_of(record: dict[str, Any]) -> list[tuple[str, str]]:
     """
     key = record["key"]
     arch = key["arch"]
-    used = recipe_fields(record["recipe"], arch)
+    used = recipe_fields(record["recipe"], arch, record.get("commit"))
     labels = [(v, "{}") for v in VARIANTS if _resolved(v, {}, arch) == used]
-    # Overrides a default has since caught up with name nothing: ``--set skip_branch=auto`` is ``tost`` today.
-    plain = recipe_for(key["variant"], 1, {}).to_dict()
-    needed = {k: v for k, v in key["overrides"].items() if plain.get(k) != v}
+    # Overrides that change nothing on this network name nothing: ``--set skip_branch=auto`` is ``tost``
+    # today, and so is ``skip_branch=conv_bn`` on a pre-activation network.
+    needed = dict(key["overrides"])
+    for name in list(needed):
+        fewer = {k: v for k, v in needed.items() if k != name}
+        if _resolved(key["variant"], fewer, arch) == _resolved(key["variant"], needed, arch):
+            needed = fewer
     own = (key["variant"], json.dumps(needed, sort_keys=True))
-    if own not in labels and _resolved(own[0], key["overrides"], arch) == used:
+    if own not in labels and _resolved(own[0], needed, arch) == used:
         labels.append(own)
     if not labels:
-        now = _resolved(key["variant"], key["overrides"], arch)
-        diff = {**key["overrides"], **{k: v for k, v in used.items() if now.get(k) != v}}
+        now = _resolved(key["variant"], needed, arch)
+        diff = {**needed, **{k: today_name(k, v) for k, v in used.items() if now.get(k) != v}}
         if _resolved(key["variant"], diff, arch) == used:
             labels.append((key["variant"], json.dumps(diff, sort_keys=True)))
     return labels
+
+
+def today_name(field: str, value: Any) -> Any:
+    """The value a Recipe field takes today for a canonical value (:func:`recipe_fields`): ``bn`` for ``auto``."""
+    if field == "skip_branch":
+        return {name: now for now, name in BRANCH_NAMES.items()}.get(value, value)
+    return value
 
 
 def recipe_for(variant: str, total_steps: int, overrides: dict[str, Any]) -> tost.Recipe:

@@ -160,15 +160,38 @@ def test_a_scope_that_rescales_the_same_layers_names_the_same_run() -> None:
     by_id = {r["id"]: r for r in records}
     old = by_id["c7b6f409f08a"]  # preact_resnet18_x0.25 synflow 0.98 seed 0, tost, before the change
     assert old["recipe"]["rescale_scope"] == "unnormalized"
-    assert accuracy_keys.labels_of(old) == [("tost", '{"rescale_scope": "unnormalized"}')]
+    assert accuracy_keys.labels_of(old) == [("tost", '{"rescale_scope": "unnormalized", "skip_branch": "bn"}')]
     assert accuracy_keys.RunKey.from_dict(old["key"]).id != "c7b6f409f08a"  # today's tost is another run
     resnet20 = by_id["129775185928"]  # resnet20 erk 0.98 seed 0, tost
     assert resnet20["recipe"]["rescale_scope"] == "unnormalized"
     assert ("tost", "{}") in accuracy_keys.labels_of(resnet20)
     assert accuracy_keys.RunKey.from_dict(resnet20["key"]).id == accuracy_keys.record_id(resnet20) == "129775185928"
-    assert accuracy_keys.scopes_alike("resnet20", "unnormalized_nonresidual", "unnormalized")
-    assert not accuracy_keys.scopes_alike("preact_resnet18_x0.25", "unnormalized_nonresidual", "unnormalized")
-    assert not accuracy_keys.scopes_alike("not_a_benchmark_net", "unnormalized_nonresidual", "unnormalized")
+    assert accuracy_keys.alike("resnet20", "rescale_scope", "unnormalized_nonresidual", "unnormalized")
+    assert not accuracy_keys.alike("preact_resnet18_x0.25", "rescale_scope", "unnormalized_nonresidual", "unnormalized")
+    assert not accuracy_keys.alike("not_a_benchmark_net", "rescale_scope", "unnormalized_nonresidual", "unnormalized")
+
+
+def test_a_skip_branch_is_named_by_the_branches_it_gave() -> None:
+    """``skip_branch="auto"`` became ``conv_bn`` on pre-activation networks and the old ``auto`` is ``bn``:
+    the old PreAct ``tost`` runs are ``tost`` with ``skip_branch=bn``, its ``conv_bn`` runs are ``tost``,
+    and on every other network ``tost`` names the same runs as before."""
+    records = accuracy_keys.read_results(RESULTS / "accuracy.jsonl")
+    by_id = {r["id"]: r for r in records}
+    old = by_id["c1cfc6674c5f"]  # preact_resnet18_x0.25 erk 0.98 seed 2, tost skip_branch=conv_bn (val)
+    assert ("tost", "{}") in accuracy_keys.labels_of(old)
+    assert accuracy_keys.RunKey.from_dict({**old["key"], "overrides": {}}).id == accuracy_keys.record_id(old)
+    before = [r for r in records if r["key"]["arch"] == "preact_resnet18_x0.25" and r["key"]["variant"] == "tost"
+              and r["recipe"]["skip_branch"] == "auto"]  # fmt: skip
+    assert before and all(("tost", "{}") not in accuracy_keys.labels_of(r) for r in before)
+    assert all("skip_branch" in json.loads(over) for r in before for _, over in accuracy_keys.labels_of(r))
+    resnet20 = by_id["129775185928"]  # resnet20 erk 0.98 seed 0, tost
+    assert ("tost", "{}") in accuracy_keys.labels_of(resnet20) and resnet20["recipe"]["skip_branch"] == "auto"
+    assert accuracy_keys.RunKey.from_dict(resnet20["key"]).id == "129775185928"
+    assert accuracy_keys.RunKey.from_dict({**resnet20["key"], "overrides": {"skip_branch": "bn"}}).id == "129775185928"
+    assert accuracy_keys.alike("resnet20", "skip_branch", "auto", "bn")
+    assert accuracy_keys.alike("preact_resnet18_x0.25", "skip_branch", "auto", "conv_bn")
+    assert accuracy_keys.branch_name("auto", "not_a_benchmark_net", None) == "auto+preact"
+    assert accuracy_keys.branch_name("auto", "not_a_benchmark_net", "47359dedcb17") == "auto"
 
 
 def test_accuracy_candidates_are_paired_with_todays_tost_by_mask_and_seed() -> None:

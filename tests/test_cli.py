@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import tost_surgery as tost
-from tost_surgery._plan import PREACT_CONV_BN
+from tost_surgery._plan import PREACT_BN
 from tost_surgery.cli import main
 
 from .conftest import PreActNet, TinyNet, bernoulli_mask
@@ -45,42 +45,47 @@ def test_plan_advises_against_large_factors_on_residual_branch_ends() -> None:
     mask = bernoulli_mask(model, density=0.1)
     loud = tost.Recipe.tost(total_steps=10, rescale_scope="unnormalized")
     result = tost.plan(model, mask, loud)
-    advice, preactivation = result.advice
+    (advice,) = result.advice
     rescaled = tost.prepare(PreActNet(), mask, loud).tost.surgery.decided.rescaled
     for name in ("conv3", "conv5", "shortcut"):  # each named with its own factor
         assert f"{name} {rescaled[name + '.weight']:.1f}x" in advice and rescaled[name + ".weight"] >= 2.0, advice
     assert "3 layer(s) that end a residual branch" in advice and "conv1" not in advice  # the stem is the trunk
     assert "Hint: Recipe.tost(..., rescale_scope='unnormalized_nonresidual')" in advice
     assert "advice: rescaled init multiplies 3 layer(s)" in str(result)
-    assert result.to_dict()["advice"] == [advice, preactivation]
+    assert result.to_dict()["advice"] == [advice]
     # No rescale advice where those layers are out of the scope (the default), where factors are small, or
     # for a post-activation block.
-    assert tost.plan(model, mask, tost.Recipe.tost(total_steps=10)).advice == (preactivation,)
-    assert tost.plan(model, bernoulli_mask(model, density=0.9), loud).advice == (preactivation,)
+    assert tost.plan(model, mask, tost.Recipe.tost(total_steps=10)).advice == ()
+    assert tost.plan(model, bernoulli_mask(model, density=0.9), loud).advice == ()
     assert tost.plan(TinyNet(), bernoulli_mask(TinyNet(), density=0.1), loud).advice == ()
 
 
 def test_plan_says_what_the_recipe_measured_on_pre_activation_networks() -> None:
     model = PreActNet()
     mask = bernoulli_mask(model, density=0.1)
-    (advice,) = tost.plan(model, mask, tost.Recipe.tost(total_steps=10)).advice
+    (advice,) = tost.plan(model, mask, tost.Recipe.tost(total_steps=10, skip_branch="bn")).advice
     assert advice.startswith("3 masked layer(s) end a residual branch with no norm after them (conv3, conv5, shortcut)")
-    assert "level with the default" in advice and f"skip_branch='conv_bn' was better in {PREACT_CONV_BN}" in advice
-    assert advice.endswith("Hint: Recipe.tost(..., skip_branch='conv_bn'), and compare it against Recipe.baseline() "
-                           "on a validation split.")
-    # With that branch already, or no ghost skips, the hint is the comparison alone; any one technique on is
-    # enough, and masks only (the baseline) has nothing to advise.
-    others = (
-        tost.Recipe.tost(total_steps=10, skip_branch="conv_bn"),
-        tost.Recipe.tost(total_steps=10, ghost_skips=False),
-        tost.Recipe(label_smoothing=0.1),
+    assert f"skip_branch='bn' measured below the paper's 1x1 conv + BatchNorm branch at every conv: {PREACT_BN}" \
+        in advice
+    assert advice.endswith(
+        "Hint: skip_branch='auto' (which takes the 1x1 conv + BatchNorm on such a network) or 'conv_bn'."
     )
-    for recipe in others:
-        (other,) = tost.plan(model, mask, recipe).advice
-        assert other == advice.split("Hint: ")[0] + "Hint: compare it against Recipe.baseline() on a validation split."
-    assert tost.plan(model, mask, None).advice == tost.plan(model, mask, tost.Recipe.baseline()).advice == ()
+    # The default branch (auto: the 1x1 conv + BatchNorm here), conv_bn, no ghost skips and masks only
+    # are what was measured: nothing to advise.
+    for recipe in (
+        tost.Recipe.tost(total_steps=10),
+        tost.Recipe.tost(total_steps=10, skip_branch="conv_bn"),
+        tost.Recipe.tost(total_steps=10, ghost_skips=False, skip_branch="bn"),
+        tost.Recipe.baseline(),
+        None,
+    ):
+        assert tost.plan(model, mask, recipe).advice == ()
+    sites = tost.plan(model, mask, tost.Recipe.tost(total_steps=10)).sites["skips"]
+    assert sites and all(site.endswith("(conv1x1+bn)") for site in sites)
     # A post-activation network (every branch ends in a norm) gets none.
-    assert tost.plan(TinyNet(), bernoulli_mask(TinyNet(), density=0.1), tost.Recipe.tost(total_steps=10)).advice == ()
+    tiny = TinyNet()
+    bn = tost.Recipe.tost(total_steps=10, skip_branch="bn")
+    assert tost.plan(tiny, bernoulli_mask(tiny, density=0.1), bn).advice == ()
 
 
 def test_plan_advises_where_a_mask_leaves_most_output_channels_empty() -> None:

@@ -161,7 +161,7 @@ recipes = st.builds(
     ghost_neurons=often,
     soft_activation=st.sampled_from(["silu", "mish", "softplus", "gelu"]),
     ghost_skips=often,
-    skip_branch=st.sampled_from(["conv_bn", "auto"]),
+    skip_branch=st.sampled_from(["conv_bn", "auto", "bn"]),
     rescale_init=st.booleans(),
     rescale_scope=st.sampled_from(["all", "unnormalized", "unnormalized_nonresidual"]),
 )

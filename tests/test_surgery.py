@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 import tost_surgery as tost
 from tost_surgery import Recipe
 
-from .conftest import TinyNet, bernoulli_mask, masked_reference
+from .conftest import PreActNet, TinyNet, bernoulli_mask, masked_reference
 
 
 def tagged(model: nn.Module, technique: str, mode: bool = True) -> list:
@@ -552,6 +552,23 @@ def test_tensors_created_in_forward_are_kept_as_constants() -> None:
     tost.finalize(model)
     assert list(model.state_dict()) == keys and "_tensor_constant0" not in model.__dict__
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_auto_branch_is_the_1x1_conv_everywhere_on_a_pre_activation_network(images) -> None:
+    """conv3 and conv5 end residual branches with no norm after them: ``auto`` is then ``conv_bn`` at
+    every conv (the same modules, the same outputs), and ``bn`` keeps a BatchNorm where channels match."""
+    branches, outputs = {}, {}
+    for choice in ("auto", "bn", "conv_bn"):
+        torch.manual_seed(0)
+        model = PreActNet()
+        tost.prepare(model, bernoulli_mask(model), Recipe.tost(total_steps=10, skip_branch=choice)).eval()
+        assert model.tost.surgery.runner.context.preactivation
+        branches[choice] = [s.branch for s in model.tost.skips.values()]
+        outputs[choice] = model(images)
+    assert branches["auto"] == branches["conv_bn"] == ["conv_bn"] * 5
+    assert branches["bn"] == ["conv_bn", "bn", "bn", "conv_bn", "bn"]  # conv1 and conv4 change channels
+    torch.testing.assert_close(outputs["auto"], outputs["conv_bn"], rtol=0, atol=0)
+    assert not torch.allclose(outputs["auto"], outputs["bn"])
 
 
 def test_skip_pointwise_off_leaves_1x1_convs_without_a_branch() -> None:

@@ -13,7 +13,7 @@ from ._techniques import technique as _technique
 
 SoftActivation = Literal["silu", "mish", "softplus", "gelu"]
 AnnealShape = Literal["linear", "cosine"]
-SkipBranch = Literal["conv_bn", "auto"]
+SkipBranch = Literal["auto", "bn", "conv_bn"]
 RescaleRule = Literal["fan_in", "layer", "gradinit"]
 RescaleScope = Literal["all", "unnormalized", "unnormalized_nonresidual"]
 LabelSchedule = Literal["constant", "anneal"]
@@ -24,7 +24,7 @@ _FLOAT32_MAX = 3.4028234663852886e38
 _CHOICES: dict[str, tuple[str, ...]] = {
     "soft_activation": ("silu", "mish", "softplus", "gelu"),
     "anneal": ("linear", "cosine"),
-    "skip_branch": ("conv_bn", "auto"),
+    "skip_branch": ("auto", "bn", "conv_bn"),
     "rescale_rule": ("fan_in", "layer", "gradinit"),
     "rescale_scope": ("all", "unnormalized", "unnormalized_nonresidual"),
     "label_schedule": ("constant", "anneal"),
@@ -63,10 +63,12 @@ class Recipe:
     ghost_skips: bool = False
     """Add ``a * branch(x)`` from each Conv2d's input to its (norm's) output, ``a`` 1 -> 0."""
     skip_branch: SkipBranch = "auto"
-    """``auto``: a BatchNorm of the input where a conv keeps its channel count, else the 1x1 conv +
+    """``bn``: a BatchNorm of the input where a conv keeps its channel count, else the 1x1 conv +
     BatchNorm (an unnormalized identity would compound the variance with depth); ``conv_bn``: the
-    paper's 1x1 conv + BatchNorm everywhere. ``auto`` measured as good on validation at 90-98%
-    sparsity and cheaper (``benchmarks/RESULTS.md``)."""
+    paper's 1x1 conv + BatchNorm everywhere; ``auto``: ``conv_bn`` on a pre-activation network
+    (some conv ends a residual branch with no norm after it), else ``bn``. On validation at 98%,
+    ``bn`` was level with ``conv_bn`` on ResNet-20 and cheaper, ``conv_bn`` better on PreAct
+    ResNet-18 in 5 of 5 pairs (``benchmarks/RESULTS.md``)."""
     skip_init: float = 1e-4
     """Constant the 1x1 conv weights of a ``conv_bn`` branch are filled with (the paper's code: 1e-4)."""
     skip_pointwise: bool = False

@@ -7,7 +7,7 @@ from torch import fx, nn
 
 from ..._modules import GhostSkip
 from .._context import SITE, TAG, PassContext, schedule_coefficient
-from .._patterns import conv_padding_kind, module_of, norm_after
+from .._patterns import conv_padding_kind, feeds_residual_addition, module_of, norm_after
 
 
 def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
@@ -30,9 +30,13 @@ def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
         y = torch.addcmul(n, a, g)        # n + a * g
 
     With ``recipe.skip_linear``, ``nn.Linear`` layers with ``in == out`` get ``y = l + a * x``
-    (a plain identity: there is one such skip per linear layer, not one per conv).
+    (a plain identity: there is one such skip per linear layer, not one per conv). The branch
+    follows ``recipe.skip_branch``; for ``auto``, whether the network is pre-activation
+    (:func:`ends_residual_branch_unnormalized`) is decided once, on the first graph.
     ``a``, ``g`` and ``y`` are tagged ``skips``.
     """
+    if context.preactivation is None:
+        context.preactivation = ends_residual_branch_unnormalized(graph, context)
     scale: fx.Node | None = None
     for node in list(graph.nodes):
         branch = _branch_target(node, context)
@@ -72,13 +76,23 @@ def _branch_target(node: fx.Node, context: PassContext) -> object:
             return _NO_SITE
         if key not in context.conv_to_skip:
             square = module.in_channels == module.out_channels
-            branch = "bn" if recipe.skip_branch == "auto" and square else "conv_bn"
+            per_channel = recipe.skip_branch == "bn" or (recipe.skip_branch == "auto" and not context.preactivation)
+            branch = "bn" if per_channel and square else "conv_bn"
             skip = GhostSkip(module, branch=branch, init=recipe.skip_init, dynamic_same=padding == "dynamic_same")
             context.conv_to_skip[key] = context.scaffold.add_skip(skip)
         return context.conv_to_skip[key]
     if recipe.skip_linear and isinstance(module, nn.Linear) and module.in_features == module.out_features:
         return None
     return _NO_SITE
+
+
+def ends_residual_branch_unnormalized(graph: fx.Graph, context: PassContext) -> bool:
+    """Whether a ghost-skip site's conv feeds an addition with a skip path, no norm between (pre-activation)."""
+    modules = context.modules
+    return any(
+        conv_padding_kind(module_of(node, modules)) is not None and feeds_residual_addition(node, modules)
+        for node in graph.nodes
+    )
 
 
 def _tagged(node: fx.Node) -> fx.Node:
