@@ -16,9 +16,12 @@ import contextlib
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 import tost_surgery as tost
 
@@ -142,22 +145,27 @@ def branch_name(value: str, arch: str | None, commit: str | None) -> str:
     return BRANCH_NAMES.get(value, value)
 
 
+EFFECTS: dict[str, Callable[[nn.Module], object]] = {
+    "rescale_scope": lambda model: set(model.tost.surgery.decided.rescaled),
+    "skip_branch": lambda model: [(key, skip.branch) for key, skip in model.tost.skips.items()],
+}
+"""What a value of a Recipe field did to a prepared model: values with equal effects are alike."""
+
+
 @functools.cache
 def alike(arch: str, field: str, value: str, other: str) -> bool:
-    """Whether two values of a Recipe ``field`` (``rescale_scope`` or ``skip_branch``) change the same
-    layers the same way on ``arch`` (a benchmark network; False for any other name), at ERK 98%."""
+    """Whether two values of a Recipe ``field`` (a key of :data:`EFFECTS`) have the same effect on
+    ``arch`` (a benchmark network; False for any other name), at ERK 98%."""
     import cifar  # the benchmark's networks; imported here, as the report needs it and the keys only this
 
     if arch not in cifar.ARCHITECTURES:
         return False
+    effect = EFFECTS[field]
     seen = []
     for name in (value, other):
         model = cifar.ARCHITECTURES[arch]()
         tost.prepare(model, tost.masks.erk(model, 0.98, seed=0), tost.Recipe.tost(10, **{field: name}))
-        if field == "rescale_scope":
-            seen.append(set(model.tost.surgery.decided.rescaled))
-        else:
-            seen.append([(key, skip.branch) for key, skip in model.tost.skips.items()])
+        seen.append(effect(model))
     return seen[0] == seen[1]
 
 

@@ -11,8 +11,7 @@ from torch import fx, nn
 
 import tost_surgery as tost
 from tost_surgery import Recipe, RecipeError
-from tost_surgery._fx._patterns import feeds_residual_addition
-from tost_surgery._rescale import residual_branch_ends
+from tost_surgery._fx._patterns import feeds_residual_addition, residual_branch_ends
 
 from .conftest import PreActNet, TinyNet, bernoulli_mask
 

@@ -571,6 +571,32 @@ def test_auto_branch_is_the_1x1_conv_everywhere_on_a_pre_activation_network(imag
     assert not torch.allclose(outputs["auto"], outputs["bn"])
 
 
+def test_auto_branch_does_not_depend_on_ghost_neurons(images) -> None:
+    """Here conv2 reaches the residual sum through a ReLU, no norm between: the network is
+    pre-activation whether or not ghost neurons rewrite that ReLU first (decided on the traced graph)."""
+
+    class ReluBeforeSum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv1(x)
+            x = x + F.relu(self.conv2(self.bn(x)))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    for neurons in (False, True):
+        model = ReluBeforeSum()
+        tost.prepare(model, bernoulli_mask(model), Recipe.tost(total_steps=10, ghost_neurons=neurons))
+        assert model.tost.surgery.runner.context.preactivation, neurons
+        assert [s.branch for s in model.tost.skips.values()] == ["conv_bn", "conv_bn"], neurons
+        assert count_targets(model, torch.lerp) == (1 if neurons else 0)
+        model(images)
+
+
 def test_skip_pointwise_off_leaves_1x1_convs_without_a_branch() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, groups=8))
     tost.prepare(model, bernoulli_mask(model), Recipe.tost(total_steps=4, skip_pointwise=False))

@@ -16,9 +16,9 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
+from ._fx._patterns import residual_branch_ends
 from ._recipe import Recipe
 from ._report import Report, report
-from ._rescale import residual_branch_ends
 from ._surgery import Surgery, prepare
 from ._techniques import TECHNIQUES
 

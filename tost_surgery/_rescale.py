@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import fx, nn
 
 from ._checks import LAYER_TYPES
-from ._fx._patterns import feeds_normalization, feeds_residual_addition
+from ._fx._patterns import feeds_normalization, feeds_residual_addition, layers_where
 from ._masking import MaskEntry
 from ._recipe import Recipe, RescaleScope
-
-
-def _layers_where(
-    graph: fx.Graph, modules: Mapping[str, nn.Module], test: Callable[[fx.Node, Mapping[str, nn.Module]], bool]
-) -> frozenset[str]:
-    """Modules every call of which passes ``test``."""
-    calls: dict[str, list[bool]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(str(node.target), []).append(test(node, modules))
-    return frozenset(name for name, passed in calls.items() if all(passed))
-
-
-def residual_branch_ends(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> frozenset[str]:
-    """Modules whose output goes, with no norm between, into an addition with a skip path.
-
-    Example:
-        >>> residual_branch_ends(traced.graph, dict(model.named_modules()))  # pre-activation ResNet
-        frozenset({'layer1.0.conv2', 'layer2.0.conv2', 'layer2.0.shortcut', ...})
-    """
-    return _layers_where(graph, modules, feeds_residual_addition)
 
 
 def outside_scope(graph: fx.Graph, modules: Mapping[str, nn.Module], scope: RescaleScope) -> frozenset[str]:
@@ -41,8 +20,8 @@ def outside_scope(graph: fx.Graph, modules: Mapping[str, nn.Module], scope: Resc
     if scope == "all":
         return frozenset()
     if scope == "unnormalized":
-        return _layers_where(graph, modules, feeds_normalization)
-    return _layers_where(graph, modules, lambda n, m: feeds_normalization(n, m) or feeds_residual_addition(n, m))
+        return layers_where(graph, modules, feeds_normalization)
+    return layers_where(graph, modules, lambda n, m: feeds_normalization(n, m) or feeds_residual_addition(n, m))
 
 
 def rescaled_layers(entries: list[MaskEntry], recipe: Recipe, outside: frozenset[str]) -> list[MaskEntry]:

@@ -16,6 +16,7 @@ from ._fx._context import SITE, TAG
 from ._fx._layout import CallSignature, Layout
 from ._fx._tracing import Tracing, trace_call
 from ._fx.passes import route_to_kernels
+from ._fx.passes.ghost_skips import ends_residual_branch_unnormalized
 from ._fx.passes.split_norm_act import split_norm_act
 from ._techniques import EagerFallback, graph_techniques
 
@@ -119,6 +120,8 @@ class Runner:
             return None
         for graph in {id(g): g for g in graphs.values()}.values():
             split_norm_act(graph, self.context)
+        if self.context.preactivation is None:
+            self.context.preactivation = ends_residual_branch_unnormalized(graphs[True], self.context.modules)
         self.context.scaffold.add_constants(constants)
         variant = Variant(graphs)
         self._build(variant)

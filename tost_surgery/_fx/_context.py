@@ -37,8 +37,8 @@ class PassContext:
     """False once prepare has returned: a graph traced later reuses the ghost modules it made (a new
     one would be missing from the optimizer and from checkpoints)."""
     preactivation: bool | None = None
-    """Whether some conv ends a residual branch with no norm after it; decided by the ghost-skip
-    pass on the first graph it sees, for ``skip_branch="auto"``."""
+    """Whether some conv ends a residual branch with no norm after it, for ``skip_branch="auto"``;
+    decided on the first traced graph, before any pass rewrites it."""
     layer_to_kernel: dict[str, str] = field(default_factory=dict)
     """Masked layers that have a sparse training kernel, and its module's graph target."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -159,3 +159,22 @@ def feeds_residual_addition(node: fx.Node, modules: Modules) -> bool:
             return False
         current = user
     return False
+
+
+def layers_where(graph: fx.Graph, modules: Modules, test: Callable[[fx.Node, Modules], bool]) -> frozenset[str]:
+    """Modules every call of which passes ``test``."""
+    calls: dict[str, list[bool]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(test(node, modules))
+    return frozenset(name for name, passed in calls.items() if all(passed))
+
+
+def residual_branch_ends(graph: fx.Graph, modules: Modules) -> frozenset[str]:
+    """Modules whose output goes, with no norm between, into an addition with a skip path.
+
+    Example:
+        >>> residual_branch_ends(traced.graph, dict(model.named_modules()))  # pre-activation ResNet
+        frozenset({'layer1.0.conv2', 'layer2.0.conv2', 'layer2.0.shortcut', ...})
+    """
+    return layers_where(graph, modules, feeds_residual_addition)

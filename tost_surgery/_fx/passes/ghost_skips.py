@@ -7,7 +7,7 @@ from torch import fx, nn
 
 from ..._modules import GhostSkip
 from .._context import SITE, TAG, PassContext, schedule_coefficient
-from .._patterns import conv_padding_kind, feeds_residual_addition, module_of, norm_after
+from .._patterns import Modules, conv_padding_kind, module_of, norm_after, residual_branch_ends
 
 
 def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
@@ -31,12 +31,10 @@ def insert_ghost_skips(graph: fx.Graph, context: PassContext) -> None:
 
     With ``recipe.skip_linear``, ``nn.Linear`` layers with ``in == out`` get ``y = l + a * x``
     (a plain identity: there is one such skip per linear layer, not one per conv). The branch
-    follows ``recipe.skip_branch``; for ``auto``, whether the network is pre-activation
-    (:func:`ends_residual_branch_unnormalized`) is decided once, on the first graph.
+    follows ``recipe.skip_branch``; for ``auto``, ``context.preactivation`` (set from the traced
+    graph, before any pass, by :func:`ends_residual_branch_unnormalized`).
     ``a``, ``g`` and ``y`` are tagged ``skips``.
     """
-    if context.preactivation is None:
-        context.preactivation = ends_residual_branch_unnormalized(graph, context)
     scale: fx.Node | None = None
     for node in list(graph.nodes):
         branch = _branch_target(node, context)
@@ -86,13 +84,10 @@ def _branch_target(node: fx.Node, context: PassContext) -> object:
     return _NO_SITE
 
 
-def ends_residual_branch_unnormalized(graph: fx.Graph, context: PassContext) -> bool:
-    """Whether a ghost-skip site's conv feeds an addition with a skip path, no norm between (pre-activation)."""
-    modules = context.modules
-    return any(
-        conv_padding_kind(module_of(node, modules)) is not None and feeds_residual_addition(node, modules)
-        for node in graph.nodes
-    )
+def ends_residual_branch_unnormalized(graph: fx.Graph, modules: Modules) -> bool:
+    """Whether a ghost-skip site (a Conv2d) ends a residual branch, no norm after it: a pre-activation
+    network. Read it on the traced graph: the other passes rewrite the ops it looks through."""
+    return any(conv_padding_kind(modules[name]) is not None for name in residual_branch_ends(graph, modules))
 
 
 def _tagged(node: fx.Node) -> fx.Node:
