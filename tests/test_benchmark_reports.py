@@ -180,10 +180,13 @@ def test_a_skip_branch_is_named_by_the_branches_it_gave() -> None:
     old = by_id["c1cfc6674c5f"]  # preact_resnet18_x0.25 erk 0.98 seed 2, tost skip_branch=conv_bn (val)
     assert ("tost", "{}") in accuracy_keys.labels_of(old)
     assert accuracy_keys.RunKey.from_dict({**old["key"], "overrides": {}}).id == accuracy_keys.record_id(old)
-    before = [r for r in records if r["key"]["arch"] == "preact_resnet18_x0.25" and r["key"]["variant"] == "tost"
-              and r["recipe"]["skip_branch"] == "auto"]  # fmt: skip
+    preact_auto = [r for r in records if r["key"]["arch"] == "preact_resnet18_x0.25" and r["key"]["variant"] == "tost"
+                   and r["recipe"]["skip_branch"] == "auto"]  # fmt: skip
+    before = [r for r in preact_auto if r["commit"] in accuracy_keys.AUTO_WAS_BN]
     assert before and all(("tost", "{}") not in accuracy_keys.labels_of(r) for r in before)
     assert all("skip_branch" in json.loads(over) for r in before for _, over in accuracy_keys.labels_of(r))
+    since = [r for r in preact_auto if r["commit"] not in accuracy_keys.AUTO_WAS_BN]  # today's auto: conv_bn there
+    assert all(("tost", "{}") in accuracy_keys.labels_of(r) for r in since)
     resnet20 = by_id["129775185928"]  # resnet20 erk 0.98 seed 0, tost
     assert ("tost", "{}") in accuracy_keys.labels_of(resnet20) and resnet20["recipe"]["skip_branch"] == "auto"
     assert accuracy_keys.RunKey.from_dict(resnet20["key"]).id == "129775185928"
