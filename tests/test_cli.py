@@ -96,6 +96,9 @@ def test_plan_advises_where_a_mask_leaves_most_output_channels_empty() -> None:
     assert advice.startswith("1 masked layer(s) keep no weight in more than 50% of their output channels")
     assert "(2.weight 62% of 8)" in advice
     assert "exclude=['2.weight', ...]" in advice and "Hint: a lower sparsity" in advice
+    assert "ghost skips carry the signal past such layers" in advice
+    (advice,) = tost.plan(model, mask, tost.Recipe.tost(total_steps=10, ghost_skips=False)).advice
+    assert "ghost skips" not in advice and "(2.weight 62% of 8)" in advice
     mask["2.weight"][1] = True  # 4 of 8: not more than half
     assert tost.plan(model, mask, tost.Recipe.tost(total_steps=10)).advice == ()
 

@@ -27,6 +27,12 @@ LARGE_BRANCH_FACTOR = 2.0
 it doubles (or more) the branch's output scale against the masked initialization."""
 DEAD_CHANNEL_SHARE = 0.5
 """A masked weight that keeps nothing in more than this share of its output channels gets advice."""
+GHOST_SKIPS_ON_DEAD_CHANNELS = (
+    " The ghost skips carry the signal past such layers during warm-up, and the network falls back when they "
+    "retire: VGG-16 x0.5 with SNIP at 98% (5 such layers) trained faster than the default protocol until the end "
+    "of warm-up, then its train loss jumped back near chance (seeds 0 and 1: 1.51 -> 2.26 and 1.41 -> 2.33)."
+)
+"""What ``benchmarks/RESULTS.md`` measured with ghost skips on such a mask, quoted by :func:`dead_channel_advice`."""
 PREACT_BN = "2.2 points below it in 5 of 5 mask/seed pairs on validation"
 """What ``benchmarks/RESULTS.md`` measured on a pre-activation network, quoted by :func:`preactivation_advice`."""
 
@@ -234,10 +240,12 @@ def dead_channel_advice(surgery: Surgery) -> tuple[str, ...]:
     listed = ", ".join(f"{name} {share:.0%} of {out}" for share, name, out in dead[:4])
     listed += ", ..." if len(dead) > 4 else ""
     excluded = ", ".join(repr(name) for _, name, _ in dead[:2])
+    recipe = surgery.decided.recipe
+    skips = GHOST_SKIPS_ON_DEAD_CHANNELS if recipe is not None and recipe.ghost_skips else ""
     return (
         f"{len(dead)} masked layer(s) keep no weight in more than {DEAD_CHANNEL_SHARE:.0%} of their output channels "
         f"({listed}). Those channels carry only their bias, whatever the recipe does: MobileNetV2 x0.25 at ERK 98% "
-        "had 28 such layers and stayed at chance with and without it (benchmarks/RESULTS.md, section 1).\n"
+        f"had 28 such layers and stayed at chance with and without it (benchmarks/RESULTS.md, section 1).{skips}\n"
         f"Hint: a lower sparsity, or leave those layers out of the mask (masks.erk(model, sparsity, "
         f"exclude=[{excluded}, ...])).",
     )
