@@ -96,9 +96,16 @@ def test_plan_advises_where_a_mask_leaves_most_output_channels_empty() -> None:
     assert advice.startswith("1 masked layer(s) keep no weight in more than 50% of their output channels")
     assert "(2.weight 62% of 8)" in advice
     assert "exclude=['2.weight', ...]" in advice and "Hint: a lower sparsity" in advice
-    assert "ghost skips carry the signal past such layers" in advice
+    assert "ghost skips" not in advice  # 27 weights for 8 channels: not near-empty
+    for name in ("0.weight", "2.weight"):  # 1 weight for 8 channels in each conv
+        mask[name].zero_().view(-1)[0] = True
+    (advice,) = tost.plan(model, mask, tost.Recipe.tost(total_steps=10)).advice
+    assert "2 of them keep fewer weights than output channels (0.weight 1 for 8, 2.weight 1 for 8)" in advice
+    assert "the ghost skips carry the signal past such layers" in advice
     (advice,) = tost.plan(model, mask, tost.Recipe.tost(total_steps=10, ghost_skips=False)).advice
-    assert "ghost skips" not in advice and "(2.weight 62% of 8)" in advice
+    assert "ghost skips" not in advice and "(0.weight 88% of 8, 2.weight 88% of 8)" in advice
+    mask = {n: torch.ones_like(m) for n, m in mask.items()}
+    mask["2.weight"][:5] = False
     mask["2.weight"][1] = True  # 4 of 8: not more than half
     assert tost.plan(model, mask, tost.Recipe.tost(total_steps=10)).advice == ()
 

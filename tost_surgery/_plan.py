@@ -27,12 +27,13 @@ LARGE_BRANCH_FACTOR = 2.0
 it doubles (or more) the branch's output scale against the masked initialization."""
 DEAD_CHANNEL_SHARE = 0.5
 """A masked weight that keeps nothing in more than this share of its output channels gets advice."""
-GHOST_SKIPS_ON_DEAD_CHANNELS = (
-    " The ghost skips carry the signal past such layers during warm-up, and the network falls back when they "
-    "retire: VGG-16 x0.5 with SNIP at 98% (5 such layers) trained faster than the default protocol until the end "
-    "of warm-up, then its train loss jumped back near chance (seeds 0 and 1: 1.51 -> 2.26 and 1.41 -> 2.33)."
+GHOST_SKIPS_ON_THIN_LAYERS = (
+    "VGG-16 x0.5 with SNIP at 98% (87-357 weights for 256 channels in each of its last five convs) trained "
+    "ahead of the default protocol until the end of warm-up, then its train loss jumped back near chance "
+    "(seeds 0 and 1: 1.51 -> 2.26 and 1.41 -> 2.33); with SynFlow at 98% (about 1% of the weights kept there) "
+    "it did not"
 )
-"""What ``benchmarks/RESULTS.md`` measured with ghost skips on such a mask, quoted by :func:`dead_channel_advice`."""
+"""What ``benchmarks/RESULTS.md`` measured with ghost skips past near-empty layers (:func:`dead_channel_advice`)."""
 PREACT_BN = "2.2 points below it in 5 of 5 mask/seed pairs on validation"
 """What ``benchmarks/RESULTS.md`` measured on a pre-activation network, quoted by :func:`preactivation_advice`."""
 
@@ -220,13 +221,14 @@ def preactivation_advice(surgery: Surgery, ends: frozenset[str]) -> tuple[str, .
 
 
 def dead_channel_advice(surgery: Surgery) -> tuple[str, ...]:
-    """Advice when a mask keeps no weight in more than half of a layer's output channels.
+    """Advice when a mask keeps no weight in more than half of a layer's output channels; with ghost
+    skips, also where such a layer keeps fewer weights than output channels.
 
     Example:
         >>> dead_channel_advice(prepare(mobilenet, masks.erk(mobilenet, 0.98), Recipe.tost(1000)).tost.surgery)
         ("28 masked layer(s) keep no weight in more than 50% of their output channels (...) ...",)
     """
-    dead = []
+    dead, thin = [], []
     for entry in surgery.decided.entries:
         mask = entry.given
         if mask.dim() < 2:
@@ -234,6 +236,8 @@ def dead_channel_advice(surgery: Surgery) -> tuple[str, ...]:
         share = float((~mask.flatten(1).any(1)).float().mean())
         if share > DEAD_CHANNEL_SHARE:
             dead.append((share, entry.name, mask.shape[0]))
+            if int(mask.sum()) < mask.shape[0]:
+                thin.append(f"{entry.name} {int(mask.sum())} for {mask.shape[0]}")
     if not dead:
         return ()
     dead.sort(key=lambda item: -item[0])
@@ -241,7 +245,13 @@ def dead_channel_advice(surgery: Surgery) -> tuple[str, ...]:
     listed += ", ..." if len(dead) > 4 else ""
     excluded = ", ".join(repr(name) for _, name, _ in dead[:2])
     recipe = surgery.decided.recipe
-    skips = GHOST_SKIPS_ON_DEAD_CHANNELS if recipe is not None and recipe.ghost_skips else ""
+    skips = ""
+    if thin and recipe is not None and recipe.ghost_skips:
+        skips = (
+            f" {len(thin)} of them keep fewer weights than output channels ({', '.join(thin[:2])}"
+            f"{', ...' if len(thin) > 2 else ''}): the ghost skips carry the signal past such layers during warm-up, "
+            f"and the network can fall back when they retire: {GHOST_SKIPS_ON_THIN_LAYERS}."
+        )
     return (
         f"{len(dead)} masked layer(s) keep no weight in more than {DEAD_CHANNEL_SHARE:.0%} of their output channels "
         f"({listed}). Those channels carry only their bias, whatever the recipe does: MobileNetV2 x0.25 at ERK 98% "
