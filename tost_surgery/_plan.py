@@ -28,10 +28,10 @@ it doubles (or more) the branch's output scale against the masked initialization
 DEAD_CHANNEL_SHARE = 0.5
 """A masked weight that keeps nothing in more than this share of its output channels gets advice."""
 GHOST_SKIPS_ON_THIN_LAYERS = (
-    "VGG-16 x0.5 with SNIP at 98% (87-357 weights for 256 channels in each of its last five convs) trained "
+    "VGG-16 x0.5 with SNIP at 98% (41-357 weights for 256 channels in each of its last five convs) trained "
     "ahead of the default protocol until the end of warm-up, then its train loss jumped back near chance "
-    "(seeds 0 and 1: 1.51 -> 2.26 and 1.41 -> 2.33); with SynFlow at 98% (about 1% of the weights kept there) "
-    "it did not"
+    "(seeds 0-2: 1.51 -> 2.26, 1.41 -> 2.33, 1.41 -> 2.32); with SynFlow at 98% (about 1% of the weights kept "
+    "there) it did not"
 )
 """What ``benchmarks/RESULTS.md`` measured with ghost skips past near-empty layers (:func:`dead_channel_advice`)."""
 PREACT_BN = "2.2 points below it in 5 of 5 mask/seed pairs on validation"
