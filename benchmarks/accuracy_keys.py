@@ -104,6 +104,7 @@ ALIKE_SCOPES = {"unnormalized_nonresidual": "unnormalized"}
 """``rescale_scope`` -> the scope it equals on a network where no layer ends a residual branch unnormalized."""
 BRANCH_NAMES = {"bn": "auto"}
 """``skip_branch`` today -> the name its behaviour had in the records (``auto`` was today's ``bn``)."""
+_TODAY_BRANCH = {name: now for now, name in BRANCH_NAMES.items()}
 AUTO_WAS_BN = frozenset({
     "0c81bb0485b3", "0e7ac6241e44", "10ad3b2c789a", "246a91375f2e", "47359dedcb17", "4d5c26ee2615",
     "7e2274da1c27", "7e92a099cef1", "85b696a16393", "878940a4610d", "8465e28dbb24", "92855523669a",
@@ -216,7 +217,7 @@ def labels_of(record: dict[str, Any]) -> list[tuple[str, str]]:
 def today_name(field: str, value: Any) -> Any:
     """The value a Recipe field takes today for a canonical value (:func:`recipe_fields`): ``bn`` for ``auto``."""
     if field == "skip_branch":
-        return {name: now for now, name in BRANCH_NAMES.items()}.get(value, value)
+        return _TODAY_BRANCH.get(value, value)
     return value
 
 

@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from ._fx._patterns import residual_branch_ends
+from ._fx._patterns import on_every_path, residual_branch_ends
+from ._paths import channels_on_paths
 from ._recipe import Recipe
 from ._report import Report, report
 from ._surgery import Surgery, prepare
@@ -27,13 +28,19 @@ LARGE_BRANCH_FACTOR = 2.0
 it doubles (or more) the branch's output scale against the masked initialization."""
 DEAD_CHANNEL_SHARE = 0.5
 """A masked weight that keeps nothing in more than this share of its output channels gets advice."""
-GHOST_SKIPS_ON_THIN_LAYERS = (
-    "VGG-16 x0.5 with SNIP at 98% (41-357 weights for 256 channels in each of its last five convs) trained "
-    "ahead of the default protocol until the end of warm-up, then its train loss jumped back near chance "
-    "(seeds 0-2: 1.51 -> 2.26, 1.41 -> 2.33, 1.41 -> 2.32); with SynFlow at 98% (about 1% of the weights kept "
-    "there) it did not"
+NARROW_PATH_SHARE = 0.05
+"""A layer that every path through the network goes through, with fewer than this share of its output
+channels on a path of kept weights from the input to the output, gets advice."""
+NARROW_PATH_MEASURED = (
+    "VGG-16 x0.5 with SNIP at 98% keeps 1 channel of 256 on such paths in its last convs on seeds 1-2 (both "
+    "protocols stayed at chance) and 6 on seed 0, where the default protocol reached 45.23% and ToST 27.83%"
 )
-"""What ``benchmarks/RESULTS.md`` measured with ghost skips past near-empty layers (:func:`dead_channel_advice`)."""
+"""What ``benchmarks/RESULTS.md`` measured on networks that narrow, quoted by :func:`narrow_path_advice`."""
+GHOST_SKIPS_AROUND_NARROW_LAYERS = (
+    "trained with them (seed 0), it scored 56.50% on validation after epoch 5 of 20 and 9.84% with their "
+    "coefficient set to 0, and fell back to chance when they retired"
+)
+"""What ``benchmarks/retirement.py`` measured, quoted by :func:`narrow_path_advice` with ghost skips on."""
 PREACT_BN = "2.2 points below it in 5 of 5 mask/seed pairs on validation"
 """What ``benchmarks/RESULTS.md`` measured on a pre-activation network, quoted by :func:`preactivation_advice`."""
 
@@ -123,7 +130,8 @@ def plan(
     """What ``prepare(model, mask, recipe)`` would do, worked out on a copy; ``model`` is untouched.
 
     Args:
-        input_size: ``(C, H, W)`` (no batch) to count multiply-adds with one forward; None skips it.
+        input_size: ``(C, H, W)`` (no batch) to count multiply-adds with one forward and to find the
+            channels on a path of kept weights (:func:`narrow_path_advice`); None skips both.
 
     Example:
         >>> print(tost_surgery.plan(model, masks.erk(model, 0.95), Recipe.tost(1000), input_size=(3, 224, 224)))
@@ -143,6 +151,8 @@ def plan(
         layers = report(trial)
         ends = branch_ends(surgery)
         advice = rescale_advice(surgery, ends) + preactivation_advice(surgery, ends) + dead_channel_advice(surgery)
+        if input_size:
+            advice += narrow_path_advice(surgery, model, mask, tuple(input_size))
     finally:
         torch.set_rng_state(rng)
     return Plan(
@@ -221,14 +231,13 @@ def preactivation_advice(surgery: Surgery, ends: frozenset[str]) -> tuple[str, .
 
 
 def dead_channel_advice(surgery: Surgery) -> tuple[str, ...]:
-    """Advice when a mask keeps no weight in more than half of a layer's output channels; with ghost
-    skips, also where such a layer keeps fewer weights than output channels.
+    """Advice when a mask keeps no weight in more than half of a layer's output channels.
 
     Example:
         >>> dead_channel_advice(prepare(mobilenet, masks.erk(mobilenet, 0.98), Recipe.tost(1000)).tost.surgery)
         ("28 masked layer(s) keep no weight in more than 50% of their output channels (...) ...",)
     """
-    dead, thin = [], []
+    dead = []
     for entry in surgery.decided.entries:
         mask = entry.given
         if mask.dim() < 2:
@@ -236,28 +245,58 @@ def dead_channel_advice(surgery: Surgery) -> tuple[str, ...]:
         share = float((~mask.flatten(1).any(1)).float().mean())
         if share > DEAD_CHANNEL_SHARE:
             dead.append((share, entry.name, mask.shape[0]))
-            if int(mask.sum()) < mask.shape[0]:
-                thin.append(f"{entry.name} {int(mask.sum())} for {mask.shape[0]}")
     if not dead:
         return ()
     dead.sort(key=lambda item: -item[0])
     listed = ", ".join(f"{name} {share:.0%} of {out}" for share, name, out in dead[:4])
     listed += ", ..." if len(dead) > 4 else ""
     excluded = ", ".join(repr(name) for _, name, _ in dead[:2])
-    recipe = surgery.decided.recipe
-    skips = ""
-    if thin and recipe is not None and recipe.ghost_skips:
-        skips = (
-            f" {len(thin)} of them keep fewer weights than output channels ({', '.join(thin[:2])}"
-            f"{', ...' if len(thin) > 2 else ''}): the ghost skips carry the signal past such layers during warm-up, "
-            f"and the network can fall back when they retire: {GHOST_SKIPS_ON_THIN_LAYERS}."
-        )
     return (
         f"{len(dead)} masked layer(s) keep no weight in more than {DEAD_CHANNEL_SHARE:.0%} of their output channels "
         f"({listed}). Those channels carry only their bias, whatever the recipe does: MobileNetV2 x0.25 at ERK 98% "
-        f"had 28 such layers and stayed at chance with and without it (benchmarks/RESULTS.md, section 1).{skips}\n"
+        f"had 28 such layers and stayed at chance with and without it (benchmarks/RESULTS.md, section 1).\n"
         f"Hint: a lower sparsity, or leave those layers out of the mask (masks.erk(model, sparsity, "
         f"exclude=[{excluded}, ...])).",
+    )
+
+
+def narrow_path_advice(
+    surgery: Surgery, model: nn.Module, mask: Mapping[str, torch.Tensor], input_size: tuple[int, ...]
+) -> tuple[str, ...]:
+    """Advice when a layer that every path through the network goes through has fewer than
+    :data:`NARROW_PATH_SHARE` of its output channels on a path of kept weights (:func:`channels_on_paths`).
+
+    Example:
+        >>> narrow_path_advice(surgery, vgg16, masks.snip(vgg16, 0.98, batches), (3, 32, 32))
+        ("6 masked layer(s) that every path through the network goes through keep fewer than 5% ...",)
+    """
+    variant = surgery.runner.default_variant
+    if variant is None:
+        return ()
+    widths = channels_on_paths(model, mask, input_size)
+    chain = on_every_path(variant.pristine[True], widths)
+    narrow = sorted(
+        (on / channels, name, on, channels) for name, (on, channels) in widths.items()
+        if name in chain and on < NARROW_PATH_SHARE * channels
+    )  # fmt: skip
+    if not narrow:
+        return ()
+    listed = ", ".join(f"{name} {on} of {channels}" for _, name, on, channels in narrow[:4])
+    listed += ", ..." if len(narrow) > 4 else ""
+    recipe = surgery.decided.recipe
+    skips = ""
+    if recipe is not None and recipe.ghost_skips:
+        skips = (
+            " The ghost skips carry the signal around such a layer during warm-up, so the network can lean on them "
+            f"and fall back when they retire: {GHOST_SKIPS_AROUND_NARROW_LAYERS}."
+        )
+    return (
+        f"{len(narrow)} masked layer(s) that every path through the network goes through keep fewer than "
+        f"{NARROW_PATH_SHARE:.0%} of their output channels on a path of kept weights from the input to the output "
+        f"({listed}): once the scaffolding retires the network is that narrow there. {NARROW_PATH_MEASURED} "
+        f"(benchmarks/RESULTS.md, section 1).{skips}\n"
+        "Hint: a mask maker that keeps such paths (masks.synflow: 27 of 256 channels there at 98% on VGG-16, "
+        "where ToST was ahead), or a lower sparsity.",
     )
 
 

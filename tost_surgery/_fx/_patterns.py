@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -178,3 +178,36 @@ def residual_branch_ends(graph: fx.Graph, modules: Modules) -> frozenset[str]:
         frozenset({'layer1.0.conv2', 'layer2.0.conv2', 'layer2.0.shortcut', ...})
     """
     return layers_where(graph, modules, feeds_residual_addition)
+
+
+def on_every_path(graph: fx.Graph, targets: Iterable[str]) -> frozenset[str]:
+    """Modules of ``targets`` that every path from the graph's inputs to its output goes through
+    (called once: a module called twice is left out), as each layer of a plain chain is and a
+    layer inside a residual branch is not.
+
+    Example:
+        >>> on_every_path(traced.graph, ["features.0", "layer1.0.conv1"])  # a VGG stem, a ResNet branch
+        frozenset({'features.0'})
+    """
+    wanted = set(targets)
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in wanted:
+            calls.setdefault(str(node.target), []).append(node)
+    inputs = [node for node in graph.nodes if node.op == "placeholder"]
+    output = next(node for node in graph.nodes if node.op == "output")
+    once = {name: nodes[0] for name, nodes in calls.items() if len(nodes) == 1}
+    return frozenset(name for name, node in once.items() if output not in _reachable(inputs, node))
+
+
+def _reachable(starts: Iterable[fx.Node], avoiding: fx.Node) -> set[fx.Node]:
+    """Nodes reachable from ``starts`` along users without passing through ``avoiding``."""
+    seen: set[fx.Node] = set()
+    stack = [node for node in starts if node is not avoiding]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(user for user in node.users if user is not avoiding)
+    return seen
