@@ -53,8 +53,8 @@ def test_channels_on_paths_match_boolean_reachability(widths: list[int], density
 class _Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.stem, self.conv1, self.conv2, self.twice = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.ReLU()
-        self.head = nn.Conv2d(4, 2, 1)
+        self.stem, self.conv1, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.twice, self.head = nn.ReLU(), nn.Conv2d(4, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.twice(self.stem(x))
@@ -69,3 +69,29 @@ def test_on_every_path_leaves_out_residual_branches_and_modules_called_twice() -
     assert on_every_path(graph, ["conv1"]) == frozenset()
     chain = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))).graph
     assert on_every_path(chain, ["0", "1", "2"]) == frozenset({"0", "1", "2"})
+
+
+def test_a_single_path_beside_wide_ones_is_found_however_deep() -> None:
+    depth = 40  # channel 0 has 1 path, the others 15**depth: far below float32's range relative to them
+    model = nn.Sequential(*(nn.Linear(16, 16) for _ in range(depth)))
+    block = torch.zeros(16, 16, dtype=torch.bool)
+    block[0, 0] = True
+    block[1:, 1:] = True
+    mask = {f"{i}.weight": block for i in range(depth)}
+    assert channels_on_paths(model, mask, (16,)) == {str(i): (16, 16) for i in range(depth)}
+
+
+def test_every_position_of_a_max_pool_window_leads_on() -> None:
+    # conv 0: channel 0 reads the centre tap (reached at both positions), channel 1 the left tap
+    # (reached at position 1 only); conv 1 reads both at the centre, so its two positions tie and a
+    # max pool's gradient would go to position 0 only, missing channel 1's path through position 1.
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, (1, 3), padding=(0, 1)), nn.ReLU(), nn.Conv2d(2, 1, (1, 3), padding=(0, 1)),
+        nn.MaxPool2d((1, 2)), nn.Flatten(), nn.Linear(1, 1),
+    )  # fmt: skip
+    first = torch.zeros(2, 1, 1, 3, dtype=torch.bool)
+    first[0, 0, 0, 1] = first[1, 0, 0, 0] = True
+    second = torch.zeros(1, 2, 1, 3, dtype=torch.bool)
+    second[0, :, 0, 1] = True
+    mask = {"0.weight": first, "2.weight": second, "5.weight": torch.ones(1, 1, dtype=torch.bool)}
+    assert channels_on_paths(model, mask, (1, 1, 2)) == {"0": (2, 2), "2": (1, 1), "5": (1, 1)}

@@ -18,26 +18,28 @@ def channels_on_paths(
     """``{module name: (channels on a path, output channels)}`` for each masked weight's module.
 
     A channel is on a path when the input reaches it and it reaches the output through kept
-    weights only. Worked out on a copy where every kept weight is 1, every masked one 0, every
-    other weight 1, every bias 0 and every norm the identity (a norm would renormalize a constant
-    input to zero): one forward of ``ones(1, *input_size)`` in eval mode and float64, each
-    module's output divided by its maximum (no overflow however deep), then the gradient of the
-    output's sum. A channel is on a path if it is positive somewhere and so is its gradient.
-    ``model`` and the global RNG are untouched; an output other than tensors gives ``{}``.
+    weights only. Worked out on a float32 copy where every kept weight is 1, every masked one 0,
+    every other weight 1, every bias 0, every norm the identity (a norm would renormalize a
+    constant input to zero) and every max pool an average pool: one forward of
+    ``ones(1, *input_size)`` in eval mode, then the gradient of the output's sum. Each module's
+    output is made 0/1 (reached or not) on the way forward and its gradient 0/1 (reaches the
+    output or not) on the way back, so nothing
+    overflows or underflows however deep the network. A channel is on a path if it is reached
+    somewhere and its gradient is positive there. ``model`` and the global RNG are untouched; an
+    output other than tensors gives ``{}``.
     """
     owners = {name.rpartition(".")[0]: name for name in mask}
     rng = torch.get_rng_state()
     try:
         net = _linearized(model, mask)
         outputs: dict[str, torch.Tensor] = {}
-        handles = []
-        for name, module in net.named_modules():
-            if name in owners:
-                handles.append(module.register_forward_hook(_keeper(outputs, name)))
-            if not any(True for _ in module.children()):
-                handles.append(module.register_forward_hook(_rescale))
+        handles = [
+            module.register_forward_hook(_indicator(outputs, name if name in owners else None))
+            for name, module in net.named_modules()
+            if not any(True for _ in module.children())
+        ]
         device = next((p.device for p in net.parameters()), torch.device("cpu"))
-        total = _sum(net(torch.ones(1, *input_size, dtype=torch.float64, device=device, requires_grad=True)))
+        total = _sum(net(torch.ones(1, *input_size, device=device, requires_grad=True)))
         for handle in handles:
             handle.remove()
         if total is None:
@@ -50,22 +52,23 @@ def channels_on_paths(
         if value.grad is None or value.dim() < 2:
             continue
         others = tuple(d for d in range(value.dim()) if d != 1)
-        on_path = (value.detach() > 0).any(dim=others) & (value.grad > 0).any(dim=others)
+        on_path = ((value.detach() > 0) & (value.grad > 0)).any(dim=others)
         result[name] = (int(on_path.sum()), value.shape[1])
     return result
 
 
 def _linearized(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> nn.Module:
-    net = copy.deepcopy(model).eval().to(torch.float64)
+    net = copy.deepcopy(model).eval().float()
     for name, module in list(net.named_modules()):
-        if name and isinstance(module, _NORMS):
+        replacement = _path_preserving(module)
+        if name and replacement is not None:
             parent, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent), child, nn.Identity())
+            setattr(net.get_submodule(parent), child, replacement)
     with torch.no_grad():
         for name, param in net.named_parameters():
             param.requires_grad_(False)
             if name in mask:
-                param.copy_(mask[name].to(param.device, torch.float64))
+                param.copy_(mask[name].to(param.device, param.dtype))
             elif name.endswith("bias"):
                 param.zero_()
             else:
@@ -73,20 +76,34 @@ def _linearized(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> nn.Module
     return net
 
 
-def _keeper(outputs: dict[str, torch.Tensor], name: str):
-    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.retain_grad()
-            outputs[name] = output
+def _path_preserving(module: nn.Module) -> nn.Module | None:
+    """What stands in for ``module`` in the linearized copy: a norm becomes the identity, a max pool the
+    average pool of its window (every position of a window leads on, not only the first of equal
+    maxima); None keeps the module."""
+    if isinstance(module, _NORMS):
+        return nn.Identity()
+    if isinstance(module, nn.MaxPool2d) and module.dilation in (1, (1, 1)) and not module.return_indices:
+        return nn.AvgPool2d(module.kernel_size, module.stride, module.padding, ceil_mode=module.ceil_mode)
+    if isinstance(module, nn.AdaptiveMaxPool2d) and not module.return_indices:
+        return nn.AdaptiveAvgPool2d(module.output_size)
+    return None
+
+
+def _indicator(outputs: dict[str, torch.Tensor], name: str | None):
+    """A forward hook: the output becomes 1 where positive, else 0, with the identity as its gradient,
+    and its gradient becomes 1 where positive, else 0; kept in ``outputs[name]`` when named."""
+
+    def hook(module: nn.Module, inputs: tuple, output: object) -> object:
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point() or not output.requires_grad:
+            return None
+        reached = (output.detach() > 0).to(output.dtype) + (output - output.detach())
+        reached.register_hook(lambda grad: (grad > 0).to(grad.dtype))
+        if name is not None:
+            reached.retain_grad()
+            outputs[name] = reached
+        return reached
 
     return hook
-
-
-def _rescale(module: nn.Module, inputs: tuple, output: object) -> object:
-    if not isinstance(output, torch.Tensor) or not output.is_floating_point():
-        return None
-    peak = output.detach().amax()
-    return output / peak if peak > 0 else None
 
 
 def _sum(output: object) -> torch.Tensor | None:
