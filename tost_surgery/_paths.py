@@ -23,10 +23,9 @@ def channels_on_paths(
     constant input to zero) and every max pool an average pool: one forward of
     ``ones(1, *input_size)`` in eval mode, then the gradient of the output's sum. Each module's
     output is made 0/1 (reached or not) on the way forward and its gradient 0/1 (reaches the
-    output or not) on the way back, so nothing
-    overflows or underflows however deep the network. A channel is on a path if it is reached
-    somewhere and its gradient is positive there. ``model`` and the global RNG are untouched; an
-    output other than tensors gives ``{}``.
+    output or not) on the way back, so nothing overflows or underflows however deep the network.
+    A channel is on a path if it is reached somewhere and its gradient is positive there.
+    ``model`` and the global RNG are untouched; an output other than tensors gives ``{}``.
     """
     owners = {name.rpartition(".")[0]: name for name in mask}
     rng = torch.get_rng_state()
