@@ -41,6 +41,8 @@ GHOST_SKIPS_AROUND_NARROW_LAYERS = (
     "coefficient set to 0, and fell back to chance when they retired"
 )
 """What ``benchmarks/retirement.py`` measured, quoted by :func:`narrow_path_advice` with ghost skips on."""
+NARROW_PATH_PROTOCOLS = "seed 0 on validation, 49.61% default, 41.93% ToST without ghost skips, 26.97% ToST"
+"""Three protocols on the VGG-16 SNIP 98% mask (``benchmarks/RESULTS.md``), quoted by :func:`narrow_path_advice`."""
 PREACT_BN = "2.2 points below it in 5 of 5 mask/seed pairs on validation"
 """What ``benchmarks/RESULTS.md`` measured on a pre-activation network, quoted by :func:`preactivation_advice`."""
 
@@ -296,7 +298,8 @@ def narrow_path_advice(
         f"({listed}): once the scaffolding retires the network is that narrow there. {NARROW_PATH_MEASURED} "
         f"(benchmarks/RESULTS.md, section 1).{skips}\n"
         "Hint: a mask maker that keeps such paths (masks.synflow: 27 of 256 channels there at 98% on VGG-16, "
-        "where ToST was ahead), or a lower sparsity.",
+        "where ToST was ahead), or a lower sparsity; on such a mask the default protocol measured best "
+        f"({NARROW_PATH_PROTOCOLS}).",
     )
 
 
