@@ -3,9 +3,9 @@
 Trains one ``benchmarks/accuracy.py`` run (same network, mask, seed, protocol and ``Recipe.tost``)
 and, after each epoch in ``--at``, evaluates copies of it on the validation split with the ghost
 skips' coefficient ``a`` and the ghost neurons' blend ``b`` set by hand: as trained, with ``a`` ten
-times smaller, and with each technique at its end state (``a = 0``, ``b = 1``), alone and together. BatchNorm uses batch
-statistics (batches of 500), as in training: the running statistics were gathered with the
-scaffolding in place. A network that leans on its ghost skips loses accuracy when ``a`` goes to 0.
+times smaller, and with each technique at its end state (``a = 0``, ``b = 1``), alone and together.
+BatchNorm uses batch statistics (batches of 500), as in training: the running statistics were
+gathered with the scaffolding in place. A network that leans on its ghost skips loses accuracy when ``a`` goes to 0.
 
 Example::
 
@@ -28,7 +28,6 @@ import cifar  # noqa: E402
 from accuracy import make_mask  # noqa: E402
 
 import tost_surgery as tost  # noqa: E402
-from tost_surgery._schedule import Schedule  # noqa: E402
 
 
 def states(now: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -50,7 +49,7 @@ class _StopTraining(Exception):
 def with_coefficients(model: torch.nn.Module, fixed: dict[str, float]) -> torch.nn.Module:
     """A copy of a prepared ``model`` whose schedule returns ``fixed[technique]`` where given."""
     probe = copy.deepcopy(model)
-    schedule = next(m for m in probe.modules() if isinstance(m, Schedule))
+    schedule = probe.tost.schedule
     scheduled = schedule.forward
     schedule.forward = lambda technique: (  # type: ignore[method-assign]
         torch.tensor(fixed[technique], device=schedule.step.device) if technique in fixed else scheduled(technique)
@@ -71,9 +70,9 @@ def batch_stats_eval(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, b
 
 
 def coefficients(model: torch.nn.Module) -> dict[str, float]:
-    """The schedule's current value of each technique it anneals."""
-    schedule = next(m for m in model.modules() if isinstance(m, Schedule))
-    return {name: float(schedule(name)) for name in schedule._techniques if name in ("skips", "neurons")}
+    """The current coefficient of each technique with scaffolding (:func:`tost_surgery.status`)."""
+    techniques = tost.status(model).techniques.values()
+    return {t.name: t.value for t in techniques if t.scaffolding and t.value is not None}
 
 
 def probe(model: torch.nn.Module, data: cifar.CifarData) -> list[tuple[str, float, float]]:

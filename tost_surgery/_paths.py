@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+
+from .masks._scores import scratch_copy, sum_of_tensors
 
 _NORMS = (_NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -25,27 +26,20 @@ def channels_on_paths(
     output is made 0/1 (reached or not) on the way forward and its gradient 0/1 (reaches the
     output or not) on the way back, so nothing overflows or underflows however deep the network.
     A channel is on a path if it is reached somewhere and its gradient is positive there.
-    ``model`` and the global RNG are untouched; an output other than tensors gives ``{}``.
+    ``model`` and the global RNG are untouched (:func:`scratch_copy`); an output other than tensors gives ``{}``.
     """
     owners = {name.rpartition(".")[0]: name for name in mask}
-    rng = torch.get_rng_state()
-    try:
-        net = _linearized(model, mask)
-        outputs: dict[str, torch.Tensor] = {}
-        handles = [
-            module.register_forward_hook(_indicator(outputs, name if name in owners else None))
-            for name, module in net.named_modules()
-            if not any(True for _ in module.children())
-        ]
+    outputs: dict[str, torch.Tensor] = {}
+    with scratch_copy(model) as net:
+        _linearize(net, mask)
+        for name, module in net.named_modules():
+            if not any(True for _ in module.children()):
+                module.register_forward_hook(_indicator(outputs, name if name in owners else None))
         device = next((p.device for p in net.parameters()), torch.device("cpu"))
-        total = _sum(net(torch.ones(1, *input_size, device=device, requires_grad=True)))
-        for handle in handles:
-            handle.remove()
+        total = sum_of_tensors(net(torch.ones(1, *input_size, device=device, requires_grad=True)))
         if total is None:
             return {}
         total.backward()
-    finally:
-        torch.set_rng_state(rng)
     result = {}
     for name, value in outputs.items():
         if value.grad is None or value.dim() < 2:
@@ -56,8 +50,9 @@ def channels_on_paths(
     return result
 
 
-def _linearized(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> nn.Module:
-    net = copy.deepcopy(model).eval().float()
+def _linearize(net: nn.Module, mask: Mapping[str, torch.Tensor]) -> None:
+    """Make ``net`` (a scratch copy) the float32 0/1 network of the docstring above, in eval mode."""
+    net.eval().float()
     for name, module in list(net.named_modules()):
         replacement = _path_preserving(module)
         if name and replacement is not None:
@@ -72,7 +67,6 @@ def _linearized(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> nn.Module
                 param.zero_()
             else:
                 param.fill_(1.0)
-    return net
 
 
 def _path_preserving(module: nn.Module) -> nn.Module | None:
@@ -104,12 +98,3 @@ def _indicator(outputs: dict[str, torch.Tensor], name: str | None):
 
     return hook
 
-
-def _sum(output: object) -> torch.Tensor | None:
-    """The sum of a tensor, or of a tuple, list or dict of tensors; None for anything else."""
-    leaves = list(output.values()) if isinstance(output, Mapping) else output
-    if isinstance(leaves, torch.Tensor):
-        return leaves.sum()
-    if isinstance(leaves, (tuple, list)) and leaves and all(isinstance(v, torch.Tensor) for v in leaves):
-        return torch.stack([v.sum() for v in leaves]).sum()
-    return None

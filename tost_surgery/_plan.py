@@ -256,7 +256,7 @@ def dead_channel_advice(surgery: Surgery) -> tuple[str, ...]:
     return (
         f"{len(dead)} masked layer(s) keep no weight in more than {DEAD_CHANNEL_SHARE:.0%} of their output channels "
         f"({listed}). Those channels carry only their bias, whatever the recipe does: MobileNetV2 x0.25 at ERK 98% "
-        f"had 28 such layers and stayed at chance with and without it (benchmarks/RESULTS.md, section 1).\n"
+        "had 28 such layers and stayed at chance with and without it (benchmarks/RESULTS.md, section 1).\n"
         f"Hint: a lower sparsity, or leave those layers out of the mask (masks.erk(model, sparsity, "
         f"exclude=[{excluded}, ...])).",
     )

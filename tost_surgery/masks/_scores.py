@@ -151,7 +151,7 @@ def synflow(
     target = target_count(numels, density)
     masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
     current = sum(numels.values())
-    with _scratch_copy(model) as net:
+    with scratch_copy(model) as net:
         _linearize(net)
         for k in range(1, iterations + 1):
             keep = target if k == iterations else max(target, target_count(numels, density ** (k / iterations)))
@@ -169,7 +169,7 @@ def _snip_scores(
     model: nn.Module, names: list[str], batches: Iterable[Batch], loss_fn: LossFn
 ) -> dict[str, torch.Tensor]:
     """``|w * sum over batches of dL/dw|`` for each named weight, on a copy of ``model``."""
-    with _scratch_copy(model) as net:
+    with scratch_copy(model) as net:
         weights = _differentiable(net, names)
         total = [torch.zeros_like(w) for w in weights]
         for x, y in _each_batch(batches, weights[0].device, "snip"):
@@ -182,7 +182,7 @@ def _grasp_scores(
     model: nn.Module, names: list[str], batches: Iterable[Batch], loss_fn: LossFn, temperature: float
 ) -> dict[str, torch.Tensor]:
     """``-w * (H g)`` for each named weight, on a copy of ``model`` (GraSP keeps the lowest)."""
-    with _scratch_copy(model) as net:
+    with scratch_copy(model) as net:
         weights = _differentiable(net, names)
         data = list(_each_batch(batches, weights[0].device, "grasp"))
         gradient = [torch.zeros_like(w) for w in weights]
@@ -229,7 +229,7 @@ def _synflow_pass(
 
 
 @contextlib.contextmanager
-def _scratch_copy(model: nn.Module) -> Iterator[nn.Module]:
+def scratch_copy(model: nn.Module) -> Iterator[nn.Module]:
     """A deep copy to score on; the global CPU (and initialized CUDA) RNG states are restored after."""
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -263,13 +263,21 @@ def _accumulate(total: list[torch.Tensor], grads: Sequence[torch.Tensor | None])
             running.add_(g.detach())
 
 
-def _sum_of_outputs(output: object, model_name: str) -> torch.Tensor:
+def sum_of_tensors(output: object) -> torch.Tensor | None:
+    """The sum of a model's output: a tensor, or a tuple, list or dict of tensors; None for anything else."""
     if isinstance(output, torch.Tensor):
         return output.sum()
     leaves = list(output.values()) if isinstance(output, Mapping) else output
     if isinstance(leaves, (tuple, list)) and leaves and all(isinstance(v, torch.Tensor) for v in leaves):
         return torch.stack([v.sum() for v in leaves]).sum()
-    raise MaskError(f"SynFlow sums the outputs of {model_name}: tensors, found {type(output).__name__}.")
+    return None
+
+
+def _sum_of_outputs(output: object, model_name: str) -> torch.Tensor:
+    total = sum_of_tensors(output)
+    if total is None:
+        raise MaskError(f"SynFlow sums the outputs of {model_name}: tensors, found {type(output).__name__}.")
+    return total
 
 
 def _check_input_shape(input_shape: object) -> tuple[int, ...]:
