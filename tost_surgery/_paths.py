@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .masks._scores import scratch_copy, sum_of_tensors
+from .masks._scores import _scratch_copy, sum_of_tensors
 
 _NORMS = (_NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -26,11 +26,11 @@ def channels_on_paths(
     output is made 0/1 (reached or not) on the way forward and its gradient 0/1 (reaches the
     output or not) on the way back, so nothing overflows or underflows however deep the network.
     A channel is on a path if it is reached somewhere and its gradient is positive there.
-    ``model`` and the global RNG are untouched (:func:`scratch_copy`); an output other than tensors gives ``{}``.
+    ``model`` and the global RNG are untouched (:func:`_scratch_copy`); an output other than tensors gives ``{}``.
     """
     owners = {name.rpartition(".")[0]: name for name in mask}
     outputs: dict[str, torch.Tensor] = {}
-    with scratch_copy(model) as net:
+    with _scratch_copy(model) as net:
         _linearize(net, mask)
         for name, module in net.named_modules():
             if not any(True for _ in module.children()):

@@ -151,7 +151,7 @@ def synflow(
     target = target_count(numels, density)
     masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
     current = sum(numels.values())
-    with scratch_copy(model) as net:
+    with _scratch_copy(model) as net:
         _linearize(net)
         for k in range(1, iterations + 1):
             keep = target if k == iterations else max(target, target_count(numels, density ** (k / iterations)))
@@ -169,7 +169,7 @@ def _snip_scores(
     model: nn.Module, names: list[str], batches: Iterable[Batch], loss_fn: LossFn
 ) -> dict[str, torch.Tensor]:
     """``|w * sum over batches of dL/dw|`` for each named weight, on a copy of ``model``."""
-    with scratch_copy(model) as net:
+    with _scratch_copy(model) as net:
         weights = _differentiable(net, names)
         total = [torch.zeros_like(w) for w in weights]
         for x, y in _each_batch(batches, weights[0].device, "snip"):
@@ -182,7 +182,7 @@ def _grasp_scores(
     model: nn.Module, names: list[str], batches: Iterable[Batch], loss_fn: LossFn, temperature: float
 ) -> dict[str, torch.Tensor]:
     """``-w * (H g)`` for each named weight, on a copy of ``model`` (GraSP keeps the lowest)."""
-    with scratch_copy(model) as net:
+    with _scratch_copy(model) as net:
         weights = _differentiable(net, names)
         data = list(_each_batch(batches, weights[0].device, "grasp"))
         gradient = [torch.zeros_like(w) for w in weights]
@@ -229,7 +229,7 @@ def _synflow_pass(
 
 
 @contextlib.contextmanager
-def scratch_copy(model: nn.Module) -> Iterator[nn.Module]:
+def _scratch_copy(model: nn.Module) -> Iterator[nn.Module]:
     """A deep copy to score on; the global CPU (and initialized CUDA) RNG states are restored after."""
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
