@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -217,6 +218,31 @@ def test_accuracy_candidates_are_paired_with_todays_tost_by_mask_and_seed() -> N
     assert row["vs_baseline"]["mean"] == pytest.approx((0.05 + 0.02 + 0.03) / 3)
     lone = rows[(0.9, '{"warmup": 1.0}')]
     assert lone["pairs"] == 0 and lone["vs_tost"]["mean"] is None and lone["verdict"] == "pending"
+
+
+def test_split_noise_pairs_each_test_gain_with_the_validation_gain_of_the_same_runs() -> None:
+    test = {  # (mask, seed, variant) -> (test accuracy, validation accuracy)
+        ("erk", 0, "baseline"): (0.50, 0.60), ("erk", 0, "tost"): (0.53, 0.61),
+        ("erk", 1, "baseline"): (0.40, 0.45), ("erk", 1, "tost"): (0.40, 0.47),
+        ("erk", 2, "tost"): (0.90, 0.10),  # no default-protocol run: no pair
+        ("snip", 0, "baseline"): (0.30, 0.30), ("snip", 0, "tost"): (0.35, 0.31),
+    }  # fmt: skip
+    chosen = {
+        (mask, 0.98, seed, variant, "{}"): {"test_acc": t, "val_acc": v}
+        for (mask, seed, variant), (t, v) in test.items()
+    }
+    sections = [{"main": accuracy_report._main_rows(chosen, ["erk", "snip"], [0.98])}]
+    noise = accuracy_report._split_noise(sections)
+    diffs = [0.03 - 0.01, 0.00 - 0.02, 0.05 - 0.01]
+    assert noise["pairs"] == 3
+    assert noise["test_minus_val"]["mean"] == pytest.approx(sum(diffs) / 3)
+    assert noise["test_minus_val"]["std"] == pytest.approx(statistics.stdev(diffs))
+    assert noise["correlation"] == pytest.approx(statistics.correlation([0.03, 0.00, 0.05], [0.01, 0.02, 0.01]))
+    (line,) = [x for x in accuracy_report._split_noise_lines(noise) if x]
+    assert "over the 3 pairs" in line and "+1.33 ± 3.06 points" in line
+    one = accuracy_report._split_noise([{"main": accuracy_report._main_rows(chosen, ["snip"], [0.98])}])
+    assert one["pairs"] == 1 and one["correlation"] is None
+    assert accuracy_report._split_noise_lines(one) == []  # one pair has no spread to state
 
 
 def test_markdown_table_aligns_and_rules() -> None:
