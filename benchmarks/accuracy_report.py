@@ -129,9 +129,6 @@ def _main_rows(test: Chosen, masks: list[str], sparsities: list[float]) -> list[
             base = _cell(test, mask, sparsity, "baseline", "test_acc")
             ours = _cell(test, mask, sparsity, "tost", "test_acc")
             gains = _gain(base, ours)
-            val_gains = _gain(
-                _cell(test, mask, sparsity, "baseline", "val_acc"), _cell(test, mask, sparsity, "tost", "val_acc")
-            )
             rows.append(
                 {
                     "mask": mask,
@@ -143,7 +140,7 @@ def _main_rows(test: Chosen, masks: list[str], sparsities: list[float]) -> list[
                     "seeds_tost": sorted(ours),
                     "paired": len(gains),
                     "per_seed": {"baseline": base, "tost": ours},
-                    "val_gains": val_gains,
+                    "per_seed_val": {v: _cell(test, mask, sparsity, v, "val_acc") for v in ("baseline", "tost")},
                     "verdict": _verdict(gains),
                 }
             )
@@ -350,7 +347,7 @@ def _split_noise(sections: list[dict[str, Any]]) -> dict[str, Any]:
     for section in sections:
         for row in section["main"]:
             test += _gain(row["per_seed"]["baseline"], row["per_seed"]["tost"])
-            val += row["val_gains"]
+            val += _gain(row["per_seed_val"]["baseline"], row["per_seed_val"]["tost"])
     diffs = [t - v for t, v in zip(test, val, strict=True)]
     return {
         "pairs": len(diffs),

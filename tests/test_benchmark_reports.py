@@ -115,7 +115,7 @@ def _accuracy_settings(page: str) -> argparse.Namespace:
     return accuracy.build_parser().parse_args(["--report", *flags])
 
 
-@pytest.mark.parametrize("folder", [".", "kernels"])
+@pytest.mark.parametrize("folder", [".", "kernels", "epochs40"])
 def test_accuracy_report_renders_again_from_the_committed_jsonl(folder: str) -> None:
     results = RESULTS / folder
     page = (results / "accuracy.md").read_text()
