@@ -28,6 +28,12 @@ LARGE_BRANCH_FACTOR = 2.0
 it doubles (or more) the branch's output scale against the masked initialization."""
 DEAD_CHANNEL_SHARE = 0.5
 """A masked weight that keeps nothing in more than this share of its output channels gets advice."""
+DEAD_CHANNELS_MEASURED = (
+    "Alone that was not fatal: SynFlow masks with such layers trained (seed 0 with ToST: VGG-16 x0.5 at 98%, 8 "
+    "layers, 67.75%; MobileNetV2 x0.25 at 95%, 23 layers, 47.10%), but MobileNetV2 x0.25 at ERK 98% (28 such "
+    "layers) stayed at chance with and without the recipe"
+)
+"""What ``benchmarks/RESULTS.md`` measured on masks with such layers, quoted by :func:`dead_channel_advice`."""
 NARROW_PATH_SHARE = 0.05
 """A layer that every path through the network goes through, with fewer than this share of its output
 channels on a path of kept weights from the input to the output, gets advice."""
@@ -255,10 +261,10 @@ def dead_channel_advice(surgery: Surgery) -> tuple[str, ...]:
     excluded = ", ".join(repr(name) for _, name, _ in dead[:2])
     return (
         f"{len(dead)} masked layer(s) keep no weight in more than {DEAD_CHANNEL_SHARE:.0%} of their output channels "
-        f"({listed}). Those channels carry only their bias, whatever the recipe does: MobileNetV2 x0.25 at ERK 98% "
-        "had 28 such layers and stayed at chance with and without it (benchmarks/RESULTS.md, section 1).\n"
-        f"Hint: a lower sparsity, or leave those layers out of the mask (masks.erk(model, sparsity, "
-        f"exclude=[{excluded}, ...])).",
+        f"({listed}). Those channels carry only their bias, whatever the recipe does. {DEAD_CHANNELS_MEASURED} "
+        "(benchmarks/RESULTS.md, section 1).\n"
+        "Hint: if training stays near chance, a lower sparsity, or leave those layers out of the mask "
+        f"(masks.erk(model, sparsity, exclude=[{excluded}, ...])).",
     )
 
 
