@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from tost_surgery._sparse_kernels import native
 from tost_surgery._sparse_kernels.native import NativeStructure, native_sparse_conv
 from tost_surgery.deploy import Timing
 from tost_surgery.deploy.kernels import ConvGeometry
+from tost_surgery.deploy.kernels._build import build_directory
 
 from .conftest import TinyNet, bernoulli_mask
 from .test_sparse_kernels import CONV_FORMS, close, compare, random_mask
@@ -186,6 +189,22 @@ def test_without_a_compiler_native_kernels_warn_and_the_torch_kernels_run(monkey
     reference, found = train(dense, "SGD", 3), train(fast, "SGD", 3)
     assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(reference, found)), (reference, found)
     assert set(tost.status(fast).sparse_kernels.values()) == {"sparse"}
+
+
+def test_each_torch_installation_builds_in_its_own_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """torch's cache is keyed by name only; two environments sharing it would rebuild in turn."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here, there = build_directory("ext", "/env/a/torch"), build_directory("ext", "/env/b/torch")
+    assert here != there and here.parent == there.parent
+    assert here == build_directory("ext", "/env/a/torch") and here.is_relative_to(tmp_path)
+    assert here.name.startswith("ext-") and build_directory("other", "/env/a/torch") != here
+
+
+@pytest.mark.slow  # compiles the extension where no earlier test did
+def test_the_training_extension_is_built_in_this_installations_folder() -> None:
+    built()
+    module = native.training_extension()
+    assert Path(module.__file__).parent == build_directory(native._NAME)
 
 
 def test_native_kernels_need_the_sparse_kernels_on_and_a_bool() -> None:
